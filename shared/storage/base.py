@@ -1,0 +1,178 @@
+"""The artifact store: content-addressed blobs plus small JSON documents, over any object store.
+
+Backends implement a handful of raw object operations on string keys; everything else
+(content addressing, checksum verification, folders of files) lives here once.
+
+Layout under the store's root:
+    blobs/sha256/<aa>/<digest>      file contents, immutable, named by their sha256
+    steps/<step key>.json           one manifest per completed step (written last)
+    sources/<digest>.json           the file list of an uploaded source
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from shared.errors import IntegrityError, NotFound, UserInputError
+
+CHUNK = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """One file of an artifact: where it sits in the artifact's folder, and its content."""
+
+    path: str
+    digest: str
+    size: int
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "digest": self.digest, "size": self.size}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FileRef:
+        return cls(path=data["path"], digest=data["digest"], size=int(data["size"]))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def digest_of_files(files: list[FileRef]) -> str:
+    """One digest for a set of files: the hash of their sorted paths and digests."""
+    lines = "".join(f"{f.path}\0{f.digest}\n" for f in sorted(files, key=lambda f: f.path))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def blob_key(digest: str) -> str:
+    return f"blobs/sha256/{digest[:2]}/{digest}"
+
+
+def safe_relative(path: str) -> str:
+    """A relative POSIX path that stays inside its folder, or UserInputError."""
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or not pure.parts or any(p in ("..", "") for p in pure.parts):
+        raise UserInputError(f"file path {path!r} escapes its folder")
+    return pure.as_posix()
+
+
+class ArtifactStore(ABC):
+    """Base class: subclasses implement the raw object operations below."""
+
+    uri: str
+
+    # -- raw operations, per backend -------------------------------------------------
+    @abstractmethod
+    def _upload(self, key: str, source: Path) -> None:
+        """Store a file's bytes under key so that no reader ever sees a partial object."""
+
+    @abstractmethod
+    def _download(self, key: str, dest: Path) -> None:
+        """Stream an object into dest (a temporary path the caller verifies). NotFound if absent."""
+
+    @abstractmethod
+    def _write_bytes(self, key: str, data: bytes, *, if_generation: int | None) -> int:
+        """Write a small object; returns its new generation.
+
+        if_generation=None writes unconditionally; 0 requires that the object does not exist;
+        any other value requires that the object's current generation equals it.
+        PreconditionFailed when the condition does not hold.
+        """
+
+    @abstractmethod
+    def _read_bytes(self, key: str) -> tuple[bytes, int]:
+        """A small object's bytes and generation. NotFound if absent."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Keys under prefix, sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    # -- JSON documents ---------------------------------------------------------------
+    def write_json(self, key: str, obj: object, *, if_generation: int | None = None) -> int:
+        data = json.dumps(obj, indent=1, sort_keys=True).encode()
+        return self._write_bytes(key, data, if_generation=if_generation)
+
+    def read_json(self, key: str) -> dict:
+        return self.read_json_generation(key)[0]
+
+    def read_json_generation(self, key: str) -> tuple[dict, int]:
+        data, generation = self._read_bytes(key)
+        return json.loads(data), generation
+
+    def read_json_or_none(self, key: str) -> dict | None:
+        try:
+            return self.read_json(key)
+        except NotFound:
+            return None
+
+    # -- content-addressed blobs -----------------------------------------------------
+    def put_file(self, source: Path, path: str | None = None) -> FileRef:
+        """Upload a file by content; a blob already stored is not uploaded again."""
+        source = Path(source)
+        digest = sha256_file(source)
+        key = blob_key(digest)
+        if not self.exists(key):
+            self._upload(key, source)
+        return FileRef(path=path or source.name, digest=digest, size=source.stat().st_size)
+
+    def get_file(self, ref: FileRef, dest: Path) -> Path:
+        """Download a blob to dest, verifying its sha256; dest appears only when complete."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            self._download(blob_key(ref.digest), tmp)
+            actual = sha256_file(tmp)
+            if actual != ref.digest:
+                raise IntegrityError(f"{ref.path}: downloaded bytes hash to {actual}, expected {ref.digest}")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
+
+    # -- folders of files ------------------------------------------------------------
+    def put_dir(self, folder: Path) -> list[FileRef]:
+        """Upload every regular file under folder; symlinks and special files are refused."""
+        folder = Path(folder)
+        refs = []
+        for path in sorted(_walk(folder)):
+            rel = path.relative_to(folder).as_posix()
+            refs.append(self.put_file(path, rel))
+        return refs
+
+    def get_files(self, refs: list[FileRef], dest: Path) -> Path:
+        dest = Path(dest)
+        for ref in refs:
+            self.get_file(ref, dest / safe_relative(ref.path))
+        return dest
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in dirs:
+            if os.path.islink(os.path.join(root, name)):
+                raise UserInputError(f"{os.path.join(root, name)} is a symbolic link; sources must be plain files")
+        for name in files:
+            path = Path(root, name)
+            if path.is_symlink() or not path.is_file():
+                raise UserInputError(f"{path} is a symbolic link or special file; sources must be plain files")
+            yield path

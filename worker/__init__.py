@@ -1,0 +1,1 @@
+"""modelyard workers: the Celery app, thin stage tasks, and the stage plugins."""
