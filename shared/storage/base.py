@@ -104,6 +104,16 @@ class ArtifactStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None: ...
 
+    # -- whole objects under chosen keys (a model repository's files) ------------------
+    def put_object(self, key: str, source: Path) -> None:
+        self._upload(key, Path(source))
+
+    def get_object(self, key: str, dest: Path) -> Path:
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self._download(key, dest)
+        return dest
+
     # -- JSON documents ---------------------------------------------------------------
     def write_json(self, key: str, obj: object, *, if_generation: int | None = None) -> int:
         data = json.dumps(obj, indent=1, sort_keys=True).encode()

@@ -72,6 +72,7 @@ class Converter:
     name: ClassVar[str]
     targets: ClassVar[tuple[str, ...]] = ("onnx",)
     source_is_folder: ClassVar[bool] = False  # True: the source is a directory of files
+    tools: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")  # packages whose versions key the cache
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -90,6 +91,7 @@ class Optimizer:
     name: ClassVar[str]
     applies_to: ClassVar[tuple[str, ...]] = ("onnx",)  # model file suffixes without the dot
     gpu_benefit: ClassVar[bool] = False  # routed to the gpu pool when the job says device: gpu
+    tools: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")  # packages whose versions key the cache
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

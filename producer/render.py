@@ -1,0 +1,90 @@
+"""Human views of a job for the terminal (rich)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.table import Table
+
+STATE_STYLE = {"QUEUED": "yellow", "RUNNING": "cyan", "SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "magenta"}
+
+
+def human_bytes(size: float | None) -> str:
+    if size is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def stage_rows(job: dict) -> list[tuple[str, dict]]:
+    planned = job.get("queues", {})
+    stages = job.get("stages", {})
+    names = list(planned) + [name for name in stages if name not in planned]
+    return [(name, {"queue": planned.get(name), **stages.get(name, {})}) for name in names]
+
+
+def stages_table(job: dict) -> Table:
+    state = job["state"]
+    title = f"job {job['id']} · {job.get('model', '')} · [{STATE_STYLE.get(state, '')}]{state}[/]"
+    table = Table(title=title, title_justify="left")
+    for column in ("stage", "state", "pool", "worker", "time", "size", "p50 ms", "cosine min"):
+        table.add_column(column)
+    now = time.time()
+    for name, stage in stage_rows(job):
+        st = stage.get("state", "waiting")
+        if st == "waiting" and stage.get("queue") == "gpu" and state in ("QUEUED", "RUNNING"):
+            st = "waiting for the gpu pool"
+        started, finished = stage.get("started"), stage.get("finished")
+        elapsed = (finished or now) - started if started else None
+        metrics = stage.get("metrics", {})
+        latency = metrics.get("latency", {})
+        fidelity = metrics.get("fidelity", {})
+        table.add_row(
+            name, st, stage.get("queue") or "-", stage.get("worker", "-"), _fmt(elapsed, ".1f") + ("s" if elapsed else ""),
+            human_bytes(stage.get("size_bytes")), _fmt(latency.get("p50_ms"), ".1f"),
+            _fmt(fidelity.get("cosine_min"), ".4f"),
+        )
+    return table
+
+
+def variants_table(job: dict) -> Table | None:
+    rows = job.get("stages", {}).get("select", {}).get("table")
+    if not rows:
+        return None
+    table = Table(title="variants", title_justify="left")
+    for column in ("variant", "size", "size ratio", "p50 ms", "p95 ms", "speedup", "cosine min", "worker", "verdict"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["variant"], human_bytes(row.get("size_bytes")), _fmt(row.get("size_ratio"), ".2f"),
+            _fmt(row.get("p50_ms"), ".1f"), _fmt(row.get("p95_ms"), ".1f"), _fmt(row.get("speedup"), ".2f"),
+            _fmt(row.get("cosine_min"), ".4f"), row.get("worker", "-"), row.get("verdict", "-"),
+        )
+    return table
+
+
+def summary_lines(job: dict) -> list[str]:
+    lines = []
+    if job["state"] == "FAILED":
+        lines.append(f"[red]FAILED[/]: {job.get('error', '')}")
+    deploy = job.get("stages", {}).get("deploy", {})
+    rows = {r["variant"]: r for r in job.get("stages", {}).get("select", {}).get("table", [])}
+    chosen = job.get("result", {}).get("variant")
+    if deploy.get("version"):
+        lines.append(f"deployed {deploy['model']} version {deploy['version']} as '{deploy['alias']}': {deploy['uri']}")
+    if chosen and chosen in rows and "fp32" in rows:
+        row, base = rows[chosen], rows["fp32"]
+        lines.append(
+            f"{chosen}: {human_bytes(row['size_bytes'])} ({row['size_bytes'] / base['size_bytes']:.2f}x FP32 "
+            f"{human_bytes(base['size_bytes'])}), p50 {row['p50_ms']:.1f} ms ({row['p50_ms'] / base['p50_ms']:.2f}x "
+            f"FP32 {base['p50_ms']:.1f} ms), cosine vs source min {row['cosine_min']:.4f} "
+            f"mean {row['cosine_mean']:.4f}"
+        )
+    return lines

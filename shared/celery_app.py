@@ -1,0 +1,69 @@
+"""The Celery app factory: one place for broker, routing and delivery settings.
+
+Delivery is at-least-once: a message is acknowledged only after its stage finished
+(``acks_late``), returned to the queue if the worker process died (``reject_on_worker_lost``),
+and each worker process reserves one message at a time (prefetch 1). Redis redelivers an
+unacknowledged message after the visibility timeout, which is kept above the hard time limit
+of a stage so that a running stage is never delivered twice. Only JSON crosses the wire.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from shared.errors import UserInputError
+from shared.settings import Settings
+
+QUEUES = ("cpu", "gpu")
+
+
+def delivery_config(settings: Settings, broker_url: str) -> dict:
+    return {
+        "broker_url": broker_url,
+        "result_backend": broker_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.stage_time_limit_s,
+        "task_soft_time_limit": settings.stage_soft_time_limit_s,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            "socket_timeout": 30,
+            "socket_connect_timeout": 5,
+            "health_check_interval": 10,
+            "retry_on_timeout": True,
+        },
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "task_default_queue": "cpu",
+        "task_queues": [Queue(name) for name in QUEUES],
+        "task_create_missing_queues": False,
+        "task_track_started": True,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "result_extended": True,
+        "result_expires": 7 * 24 * 3600,
+        "worker_hijack_root_logger": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "broker_channel_error_retry": True,
+    }
+
+
+def make_celery(settings: Settings, *, broker_url: str | None = None) -> Celery:
+    url = broker_url or settings.resolved_broker_url()
+    if not url:
+        raise UserInputError(
+            "no broker configured: set MODELYARD_BROKER_URL (e.g. redis://:password@host:6379/0) "
+            "or start the local stack with 'modelyard up'"
+        )
+    app = Celery("modelyard")
+    app.conf.update(delivery_config(settings, url))
+    return app

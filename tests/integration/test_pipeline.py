@@ -1,0 +1,129 @@
+"""The whole road: producer → Redis → cpu/gpu worker processes → artifact store → model repository."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from producer import api
+from shared.repository import ModelRepository
+
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
+HOST = socket.gethostname()
+
+
+def write_job(folder: Path, name: str, text: str) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def minilm_job(tmp_path_factory, minilm_dir) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("minilm-job")
+    repo = folder / "model-repo"
+    job = write_job(folder, "minilm", f"""
+model: {{name: minilm, source: {minilm_dir}, format: hf-transformers, task: feature-extraction}}
+convert: {{to: onnx, opset: 17}}
+optimize: {{variants: [int8-dynamic, fp16], gate: {{cosine_min: 0.99}}}}
+deploy: {{repository: file://./model-repo, alias: production}}
+device: gpu
+""")
+    return job, repo
+
+
+@pytest.fixture(scope="module")
+def minilm_result(cluster, minilm_job, producer_env):
+    job_file, _repo = minilm_job
+    return api.wait(api.submit(job_file), timeout=900)
+
+
+def test_minilm_job_deploys_an_int8_model_about_4x_smaller_that_passes_the_gate(minilm_result, minilm_job):
+    job = minilm_result
+    assert job["state"] == "SUCCEEDED", job.get("error")
+    table = {row["variant"]: row for row in job["stages"]["select"]["table"]}
+    assert job["result"]["variant"] == "int8-dynamic"
+    int8 = table["int8-dynamic"]
+    assert int8["size_bytes"] / table["fp32"]["size_bytes"] < 0.3
+    assert int8["cosine_min"] >= 0.99
+    _job_file, repo_dir = minilm_job
+    repo = ModelRepository.open(repo_dir.as_uri())
+    version = repo.resolve("minilm", "production")
+    manifest = repo.manifest("minilm", version)
+    assert (repo_dir / "minilm" / str(version) / "model.onnx").stat().st_size == int8["size_bytes"]
+    assert (repo_dir / "minilm" / "config.pbtxt").read_text().count("TYPE_INT64") == 3
+    assert manifest["lineage"]["source_digest"] == job["source"]["digest"]
+    assert set(manifest["lineage"]["stages"]) >= {"convert", "optimize:int8-dynamic", "select"}
+
+
+def test_gpu_benefiting_variant_runs_on_the_gpu_worker_and_the_rest_on_the_cpu_worker(minilm_result):
+    stages = minilm_result["stages"]
+    assert stages["optimize:fp16"]["worker"] == f"gpu@{HOST}"
+    assert stages["optimize:int8-dynamic"]["worker"] == f"cpu@{HOST}"
+    assert stages["convert"]["worker"] == f"cpu@{HOST}"
+
+
+def test_convert_records_reference_outputs_and_its_own_fidelity(minilm_result):
+    convert = minilm_result["stages"]["convert"]
+    assert {f["path"] for f in convert["files"]} >= {"model.onnx", "samples.npz", "reference.npz"}
+    assert convert["metrics"]["fidelity"]["max_abs"] < 1e-3
+
+
+def test_resubmitted_identical_job_recomputes_no_stage(minilm_result, minilm_job, producer_env):
+    job_file, _ = minilm_job
+    again = api.wait(api.submit(job_file), timeout=300)
+    assert again["state"] == "SUCCEEDED", again.get("error")
+    computed = {name: s["state"] for name, s in again["stages"].items() if name.startswith(("convert", "optimize"))}
+    assert set(computed.values()) == {"cached"}, computed
+    assert again["stages"]["deploy"]["reused"] is True
+    assert again["stages"]["deploy"]["version"] == minilm_result["stages"]["deploy"]["version"]
+
+
+def test_corrupt_model_fails_the_job_with_a_clear_message_and_the_worker_keeps_serving(
+    cluster, producer_env, tmp_path
+):
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    job = write_job(tmp_path, "bad", """
+model: {name: broken, source: ./broken.onnx, format: onnx, inputs: [{name: x, dtype: float32, shape: [batch, 4]}]}
+""")
+    failed = api.wait(api.submit(job), timeout=300)
+    assert failed["state"] == "FAILED"
+    assert "broken.onnx" in failed["error"] or "model.onnx" in failed["error"]
+    assert failed["stages"]["convert"]["state"] == "failed"
+
+    good = tmp_path / "good.onnx"
+    _tiny_onnx(good)
+    ok = write_job(tmp_path, "good", "model: {name: tiny, source: ./good.onnx, format: onnx}\n")
+    served = api.wait(api.submit(ok), timeout=300)
+    assert served["state"] == "SUCCEEDED", served.get("error")
+    assert all(w.process.poll() is None for w in cluster.workers)
+
+
+def _tiny_onnx(path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 3], np.arange(12, dtype=np.float32).tolist())
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_status_json_shows_stage_states_artifacts_and_metrics(minilm_result, producer_env):
+    from typer.testing import CliRunner
+
+    from producer.cli import app
+
+    result = CliRunner().invoke(app, ["status", minilm_result["id"], "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert shown["state"] == "SUCCEEDED"
+    assert shown["stages"]["deploy"]["uri"].endswith(f"/minilm/{shown['stages']['deploy']['version']}/")

@@ -1,0 +1,87 @@
+"""The job file schema: good files parse, bad ones fail with a message naming the field."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.errors import UserInputError
+from shared.jobspec import parse_job
+
+GOOD = """
+model: {name: minilm, source: ./models/minilm, format: hf-transformers, task: feature-extraction}
+convert: {to: onnx, opset: 17}
+optimize: {variants: [int8-dynamic, graph+int8-dynamic], gate: {cosine_min: 0.99}}
+deploy: {repository: file://./model-repo, alias: production}
+device: gpu
+"""
+
+
+def test_a_complete_job_file_parses_with_its_values():
+    spec = parse_job(GOOD)
+    assert spec.model.format == "hf-transformers"
+    assert spec.optimize.variants == ["int8-dynamic", "graph+int8-dynamic"]
+    assert spec.deploy.alias == "production" and spec.device == "gpu"
+
+
+def test_defaults_fill_what_a_minimal_job_leaves_out():
+    spec = parse_job("model: {name: m, source: m.onnx, format: onnx}")
+    assert spec.convert.to == "onnx" and spec.optimize is None and spec.deploy is None and spec.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("model: {name: m, source: m.onnx, format: onnx, colour: blue}", "model.colour: unknown key"),
+        ("model: {name: m, source: m.onnx, format: onnx}\nextra: 1", "extra: unknown key"),
+        ("model: {name: m, source: m.onnx, format: pickle}", "model.format 'pickle' is not a known format"),
+        ("model: {name: m, source: m.onnx, format: onnx}\noptimize: {variants: [int9]}", "'int9' is not a known variant"),
+        ("model: {name: M!, source: m.onnx, format: onnx}", "model.name"),
+        ("model: {name: m, source: m.onnx, format: onnx}\nconvert: {opset: -3}", "convert.opset"),
+        ("model: {name: m, source: m.onnx, format: onnx}\nconvert: {samples: {batch: 100000000}}",
+         "convert.samples.batch"),
+        ("model: {name: m, source: m.onnx, format: onnx}\ndevice: tpu", "device"),
+        ("model: {name: m, source: m.onnx, format: onnx}\noptimize: {variants: []}", "optimize.variants"),
+        ("model: {name: m, format: onnx}", "model.source"),
+        ("model: [1, 2]", "model"),
+    ],
+)
+def test_bad_job_files_name_the_field_that_is_wrong(text, named):
+    with pytest.raises(UserInputError) as caught:
+        parse_job(text)
+    assert named in str(caught.value)
+
+
+def test_malformed_yaml_is_reported_as_such():
+    with pytest.raises(UserInputError, match="not valid YAML"):
+        parse_job("model: {name: m, source: [")
+
+
+def test_a_yaml_scalar_is_not_a_job():
+    with pytest.raises(UserInputError, match="must be a YAML mapping"):
+        parse_job("just a string")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=20,
+))
+def test_no_exception_but_the_validation_error_escapes_the_parser(data):
+    import yaml
+
+    try:
+        parse_job(yaml.safe_dump(data))
+    except UserInputError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_arbitrary_text_never_crashes_the_parser(text):
+    try:
+        parse_job(text)
+    except UserInputError:
+        pass

@@ -1,0 +1,13 @@
+"""The Celery app that ``celery -A worker.app worker -Q cpu|gpu`` starts.
+
+Importing this module must stay light: no torch, tensorflow or onnxruntime here (a prefork
+worker whose parent imported them hangs in its children). Plugins import them when they run.
+"""
+
+from __future__ import annotations
+
+from shared.celery_app import make_celery
+from shared.settings import get_settings
+
+app = make_celery(get_settings())
+app.autodiscover_tasks(["worker"], related_name="tasks", force=True)

@@ -1,0 +1,109 @@
+"""Dynamic INT8 quantization (weights INT8 ahead of time, activations quantized at run time).
+
+Per-channel weight scales are the default: on all-MiniLM-L6-v2 per-tensor scales cost
+~0.05 of cosine (0.94 vs 0.99 minimum) for the same size and speed. ``params: {per_channel: false}``
+gives per-tensor scales.
+
+ONNX Runtime's quantizer writes scratch files: ``<model>-inferred.onnx`` beside the *input*
+model, and ``onnx``'s external-data saving resolves some names against the process cwd. So
+the input is copied into a scratch folder in the workdir and the quantizer runs with the cwd
+there, under a process-wide lock (the cwd is process-global).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+from shared.errors import UserInputError
+from worker.plugins.base import Optimizer, OptimizeRequest
+
+CWD_LOCK = threading.RLock()
+PARAMS = {"per_channel": bool, "reduce_range": bool}
+
+
+@contextlib.contextmanager
+def working_directory(path: Path):
+    """chdir for the block, under a process-wide lock; restores the previous cwd."""
+    with CWD_LOCK:
+        previous = os.getcwd()
+        os.chdir(path)
+        try:
+            yield
+        finally:
+            os.chdir(previous)
+
+
+def _drop_preprocess_hint(record: logging.LogRecord) -> bool:
+    """quantize_dynamic logs a pre-processing hint on the root logger at every call; drop it."""
+    return not str(record.msg).startswith("Please consider to run pre-processing")
+
+
+def check_params(variant: str, params: dict, known: dict[str, type]) -> dict:
+    for key, value in params.items():
+        if key not in known:
+            raise UserInputError(
+                f"optimize variant {variant}: unknown parameter {key!r} (known: {', '.join(known) or 'none'})"
+            )
+        if not isinstance(value, known[key]):
+            raise UserInputError(
+                f"optimize variant {variant}: parameter {key} must be a {known[key].__name__}, got {value!r}"
+            )
+    return params
+
+
+def stage_copy(model: Path, scratch: Path) -> Path:
+    """Copy a model file and its external data into scratch; returns the copy's path."""
+    from worker.runtime import external_data_files
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    target = scratch / model.name
+    shutil.copyfile(model, target)
+    for location in external_data_files(model):
+        (scratch / location).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model.parent / location, scratch / location)
+    return target
+
+
+class Int8Dynamic(Optimizer):
+    name = "int8-dynamic"
+    applies_to = ("onnx",)
+
+    def optimize(self, request: OptimizeRequest) -> Path:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        from worker.runtime import PROTO_LIMIT, check_loads, model_bytes
+
+        params = check_params(self.name, dict(request.params), PARAMS)
+        per_channel = params.get("per_channel", True)
+        workdir = Path(request.workdir).absolute()
+        output = workdir / "model.onnx"
+        scratch = workdir / ".int8-scratch"
+        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            source = stage_copy(Path(request.model).absolute(), scratch / "input")
+            large = model_bytes(source) > PROTO_LIMIT
+            logging.getLogger().addFilter(_drop_preprocess_hint)
+            with working_directory(scratch):
+                try:
+                    quantize_dynamic(
+                        model_input=str(source),
+                        model_output=str(output),
+                        per_channel=per_channel,
+                        reduce_range=params.get("reduce_range", False),
+                        weight_type=QuantType.QInt8,
+                        use_external_data_format=large,
+                    )
+                except Exception as exc:  # noqa: BLE001
+                    message = " ".join(str(exc).split())[:300]
+                    raise UserInputError(
+                        f"int8-dynamic could not quantize {Path(request.model).name}: {type(exc).__name__}: {message}"
+                    ) from None
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        check_loads(output, self.name)
+        return output

@@ -1,0 +1,109 @@
+"""The convert stage: source model → deployable model + sample inputs + reference outputs.
+
+The reference outputs come from the *source* framework; every later stage is compared with
+them. The conversion itself is checked here: the converted model runs on the samples and must
+match the reference within the job's tolerance, or the job fails naming the output and values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared.errors import UserInputError
+from shared.manifest import Manifest
+from shared.storage import FileRef, digest_of_files
+from worker.context import StageContext
+from worker.plugins import registry
+from worker.plugins.base import ConvertRequest
+from worker.stages.arrays import load_arrays, save_arrays
+from worker.steps import StepOutput, run_step, tool_versions
+
+SAMPLES, REFERENCE = "samples.npz", "reference.npz"
+
+
+def convert_params(ctx: StageContext) -> dict:
+    spec = ctx.spec
+    model = spec.model.model_dump(exclude={"name", "source", "samples", "eval_data"}, mode="json")
+    samples = ctx.record.get("samples")
+    return {
+        "model": model,
+        "convert": spec.convert.model_dump(mode="json"),
+        "samples_digest": samples["digest"] if samples else None,
+    }
+
+
+def run_convert(ctx: StageContext) -> tuple[Manifest, bool]:
+    spec = ctx.spec
+    converter_cls = registry.converters[spec.model.format]
+    if spec.convert.to not in converter_cls.targets:
+        raise UserInputError(
+            f"convert.to: format {spec.model.format!r} converts to {', '.join(converter_cls.targets)}, "
+            f"not {spec.convert.to!r}"
+        )
+    source_files = ctx.source_files
+
+    def compute(tmp: Path) -> StepOutput:
+        source = _download_source(ctx, source_files, tmp / "source")
+        samples = None
+        if ctx.record.get("samples"):
+            ref = FileRef.from_dict(ctx.record["samples"])
+            samples = load_arrays(ctx.store.get_file(ref, tmp / "user-samples.npz"), what="model.samples")
+        out = tmp / "out"
+        out.mkdir()
+        request = ConvertRequest(
+            source=source, model=spec.model, convert=spec.convert, workdir=out, settings=ctx.settings,
+            samples=samples,
+        )
+        result = converter_cls().convert(request)
+        save_arrays(out / SAMPLES, result.samples)
+        save_arrays(out / REFERENCE, result.reference)
+        fidelity = check_conversion(out / result.model_file, result.samples, result.reference, ctx)
+        return StepOutput(
+            folder=out,
+            metrics={"fidelity": fidelity},
+            info={
+                "model_file": result.model_file,
+                "format": spec.convert.to,
+                "task": spec.model.task,
+                "inputs": [t.to_dict() for t in result.inputs],
+                "outputs": [t.to_dict() for t in result.outputs],
+                "source_digest": ctx.record["source"]["digest"],
+                **result.extra,
+            },
+        )
+
+    return run_step(
+        ctx,
+        stage="convert",
+        input_digest=digest_of_files(source_files),
+        params=convert_params(ctx),
+        tools=tool_versions(converter_cls.tools),
+        compute=compute,
+    )
+
+
+def _download_source(ctx: StageContext, files: list[FileRef], dest: Path) -> Path:
+    ctx.store.get_files(files, dest)
+    if ctx.record["source"]["is_folder"]:
+        return dest
+    return dest / files[0].path
+
+
+def check_conversion(model: Path, samples: dict, reference: dict, ctx: StageContext) -> dict:
+    from worker.fidelity import compare
+    from worker.runtime import load_session
+
+    session = load_session(model, threads=ctx.settings.bench_threads)
+    actual = session.run(samples)
+    fidelity = compare(reference, actual)
+    tolerance = ctx.spec.convert.tolerance
+    for name, figures in fidelity["outputs"].items():
+        too_far = tolerance.max_abs is not None and figures["max_abs"] > tolerance.max_abs
+        if too_far or figures["cosine_min"] < tolerance.cosine_min:
+            raise UserInputError(
+                f"conversion changed the model's answers: output {name!r} differs from the source "
+                f"framework by max_abs {figures['max_abs']:.3g} (tolerance {tolerance.max_abs}) and "
+                f"cosine_min {figures['cosine_min']:.5f} (tolerance {tolerance.cosine_min}); "
+                "adjust convert.tolerance if this is expected"
+            )
+    return fidelity

@@ -1,0 +1,193 @@
+"""The optimize stage: one task per variant (fan-out), then a selection over their results.
+
+Every variant is measured the same way: fidelity against the *source* reference outputs
+stored by the convert stage, and latency on the samples with pinned threads, one benchmark
+at a time per host. ``fp32`` is the baseline variant: the converted model as is.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+from shared.errors import UserInputError
+from shared.jobspec import Gate
+from shared.manifest import Manifest, load_manifest
+from shared.storage import digest_of_files
+from worker.context import StageContext
+from worker.plugins import registry
+from worker.plugins.base import OptimizeRequest, TensorInfo
+from worker.stages.arrays import load_arrays
+from worker.stages.convert import REFERENCE, SAMPLES
+from worker.steps import StepOutput, run_step, tool_versions
+
+BASELINE = "fp32"
+
+
+def variant_parts(variant: str) -> list[str]:
+    return [] if variant == BASELINE else variant.split("+")
+
+
+def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Manifest, bool]:
+    convert = load_manifest(ctx.store, convert_key)
+    if convert is None:
+        raise UserInputError(f"convert step {convert_key[:12]} has no manifest in {ctx.store.uri}")
+    parts = variant_parts(variant)
+    optimizers = [registry.optimizer(name) for name in parts]
+    tools: tuple[str, ...] = ("onnx", "onnxruntime")
+    for optimizer in optimizers:
+        tools += optimizer.tools
+
+    def compute(tmp: Path) -> StepOutput:
+        inputs = tmp / "in"
+        ctx.store.get_files(convert.files, inputs)
+        samples = load_arrays(inputs / SAMPLES, what="samples")
+        reference = load_arrays(inputs / REFERENCE, what="reference outputs")
+        model = inputs / convert.info["model_file"]
+        for index, optimizer in enumerate(optimizers):
+            suffix = model.suffix.lstrip(".")
+            if suffix not in optimizer.applies_to:
+                raise UserInputError(f"variant {variant!r}: {optimizer.name} does not apply to .{suffix} models")
+            workdir = tmp / f"step{index}-{optimizer.name}"
+            workdir.mkdir()
+            model = optimizer.optimize(
+                OptimizeRequest(
+                    model=model,
+                    workdir=workdir,
+                    samples=samples,
+                    task=convert.info.get("task"),
+                    inputs=[TensorInfo.from_dict(t) for t in convert.info["inputs"]],
+                    outputs=[TensorInfo.from_dict(t) for t in convert.info["outputs"]],
+                )
+            )
+        out = tmp / "out"
+        out.mkdir()
+        for path in _model_files(model):
+            shutil.copy2(path, out / path.name)
+        final = out / model.name
+        metrics = measure(ctx, final, samples, reference)
+        metrics["size_bytes"] = sum(p.stat().st_size for p in out.iterdir())
+        return StepOutput(folder=out, metrics=metrics, info={**convert.info, "model_file": final.name})
+
+    return run_step(
+        ctx,
+        stage=f"optimize:{variant}",
+        input_digest=digest_of_files(convert.files),
+        params={"variant": variant, "pool": ctx.queue, "threads": ctx.settings.bench_threads,
+                "runs": ctx.settings.bench_runs},
+        tools=tool_versions(tools),
+        compute=compute,
+    )
+
+
+def _model_files(model: Path) -> list[Path]:
+    """The model file and the external-data files it references (same folder)."""
+    files = [model]
+    if model.suffix == ".onnx":
+        import onnx
+        from onnx.external_data_helper import uses_external_data
+
+        proto = onnx.load(str(model), load_external_data=False)
+        locations = set()
+        for tensor in _initializers(proto.graph):
+            if uses_external_data(tensor):
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        locations.add(entry.value)
+        files += [model.parent / loc for loc in sorted(locations)]
+    return files
+
+
+def _initializers(graph: Any):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                yield from _initializers(attr.g)
+
+
+def measure(ctx: StageContext, model: Path, samples: dict, reference: dict) -> dict:
+    from worker.fidelity import compare
+    from worker.latency import measure as measure_latency
+    from worker.runtime import load_session
+
+    session = load_session(model, threads=ctx.settings.bench_threads)
+    fidelity = compare(reference, session.run(samples))
+    lock = ctx.jobs.redis.lock(f"modelyard:bench:{socket.gethostname()}", timeout=600, sleep=0.2)
+    with lock:  # one benchmark at a time per host: latency is meaningless when cores are shared
+        latency = measure_latency(session, samples, runs=ctx.settings.bench_runs, warmup=ctx.settings.bench_warmup)
+    return {"fidelity": fidelity, "latency": latency, "provider": session.provider}
+
+
+def gate_verdict(gate: Gate, metrics: dict) -> tuple[bool, str]:
+    """Whether a variant passes the job's fidelity gate, and why not."""
+    fidelity = metrics["fidelity"]
+    reasons = []
+    if gate.cosine_min is not None and fidelity["cosine_min"] < gate.cosine_min:
+        reasons.append(f"cosine_min {fidelity['cosine_min']:.4f} < gate {gate.cosine_min}")
+    if gate.max_abs is not None and fidelity["max_abs"] > gate.max_abs:
+        reasons.append(f"max_abs {fidelity['max_abs']:.4g} > gate {gate.max_abs}")
+    top1 = fidelity.get("top1_agreement")
+    if gate.top1_min is not None and top1 is not None and top1 < gate.top1_min:
+        reasons.append(f"top1_agreement {top1:.4f} < gate {gate.top1_min}")
+    return (not reasons, "; ".join(reasons) or "passed the gate")
+
+
+def variant_summary(variant: str, manifest: Manifest, cached: bool, ctx: StageContext) -> dict:
+    passed, reason = gate_verdict(ctx.spec.optimize.gate, manifest.metrics) if ctx.spec.optimize else (True, "")
+    latency = manifest.metrics["latency"]
+    return {
+        "variant": variant,
+        "step_key": manifest.step_key,
+        "size_bytes": manifest.metrics["size_bytes"],
+        "p50_ms": latency["p50_ms"],
+        "p95_ms": latency["p95_ms"],
+        "cosine_min": manifest.metrics["fidelity"]["cosine_min"],
+        "cosine_mean": manifest.metrics["fidelity"]["cosine_mean"],
+        "max_abs": manifest.metrics["fidelity"]["max_abs"],
+        "top1_agreement": manifest.metrics["fidelity"].get("top1_agreement"),
+        "provider": manifest.metrics.get("provider"),
+        "passed": passed,
+        "reason": reason,
+        "cached": cached,
+        "worker": manifest.worker if cached else ctx.worker,
+        "queue": ctx.queue,
+    }
+
+
+def select(ctx: StageContext, results: list[dict]) -> tuple[dict, list[dict]]:
+    """Pick the variant to deploy; returns it and the table with a verdict for every row."""
+    baseline = next((r for r in results if r["variant"] == BASELINE), None)
+    table = []
+    for row in results:
+        row = dict(row)
+        if row["variant"] != BASELINE:
+            row["size_ratio"] = row["size_bytes"] / baseline["size_bytes"] if baseline else None
+            row["speedup"] = baseline["p50_ms"] / row["p50_ms"] if baseline and row["p50_ms"] else None
+        table.append(row)
+    objective = ctx.spec.optimize.objective
+    candidates = []
+    for row in table:
+        if row["variant"] == BASELINE:
+            row["verdict"] = "baseline"
+        elif not row["passed"]:
+            row["verdict"] = f"rejected: {row['reason']}"
+        elif objective == "latency" and baseline and row["p50_ms"] > baseline["p50_ms"]:
+            row["verdict"] = f"rejected: slower than fp32 ({row['p50_ms']:.1f} ms vs {baseline['p50_ms']:.1f} ms)"
+        else:
+            row["verdict"] = "candidate"
+            candidates.append(row)
+    if not candidates:
+        raise UserInputError("no variant passed: " + format_rejections(table))
+    key = (lambda r: (r["p50_ms"], r["size_bytes"])) if objective == "latency" else (
+        lambda r: (r["size_bytes"], r["p50_ms"]))
+    best = min(candidates, key=key)
+    best["verdict"] = "selected"
+    return best, table
+
+
+def format_rejections(table: list[dict]) -> str:
+    rows = [f"{r['variant']} ({r['verdict']})" for r in table if r["variant"] != BASELINE]
+    return "; ".join(rows)

@@ -1,0 +1,114 @@
+"""Run a step once: return its manifest if the step key already has one, else compute it.
+
+Computing happens in a per-task temporary folder; outputs are uploaded by content and the
+manifest is written last. A Redis lease on the step key keeps two workers from computing the
+same step at once (a redelivered message while the first copy still runs); the lease is
+renewed in the background while the step runs and expires by itself if the worker dies.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from shared.errors import TransientError
+from shared.manifest import Manifest, load_manifest, save_manifest, step_key
+from worker.context import StageContext
+
+
+@dataclass
+class StepOutput:
+    folder: Path  # every file under it is uploaded
+    metrics: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def tool_versions(packages: tuple[str, ...]) -> dict[str, str]:
+    versions = {"modelyard": _version("modelyard")}
+    for name in packages:
+        versions[name] = _version(name)
+    return versions
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+@contextmanager
+def step_lease(ctx: StageContext, key: str) -> Iterator[None]:
+    """Hold ``modelyard:lease:<key>`` while computing; wait while another worker holds it."""
+    ttl = ctx.settings.lease_ttl_s
+    lock = ctx.jobs.redis.lock(f"modelyard:lease:{key}", timeout=ttl, sleep=0.5, thread_local=False)
+    deadline = time.monotonic() + ctx.settings.stage_time_limit_s
+    while not lock.acquire(blocking=True, blocking_timeout=ttl):
+        if time.monotonic() > deadline:
+            raise TransientError(f"step {key[:12]} is held by another worker for too long")
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(ttl / 3):
+            try:
+                lock.reacquire()
+            except Exception:  # lost the lease (expired): the step may run twice, its result is the same
+                return
+
+    renewer = threading.Thread(target=renew, name=f"lease-{key[:8]}", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join(timeout=5)
+        try:
+            lock.release()
+        except Exception:
+            pass
+
+
+def run_step(
+    ctx: StageContext,
+    *,
+    stage: str,
+    input_digest: str,
+    params: dict[str, Any],
+    tools: dict[str, str],
+    compute: Callable[[Path], StepOutput],
+) -> tuple[Manifest, bool]:
+    """The step's manifest and whether it came from the cache."""
+    key = step_key(stage=stage, input_digest=input_digest, params=params, tools=tools)
+    cached = load_manifest(ctx.store, key)
+    if cached is not None:
+        return cached, True
+    with step_lease(ctx, key):
+        cached = load_manifest(ctx.store, key)  # computed by whoever held the lease before us
+        if cached is not None:
+            return cached, True
+        with tempfile.TemporaryDirectory(prefix=f"modelyard-{stage.replace(':', '-')}-") as tmp:
+            started = time.perf_counter()
+            output = compute(Path(tmp))
+            seconds = time.perf_counter() - started
+            files = ctx.store.put_dir(output.folder)
+        manifest = Manifest(
+            step_key=key,
+            stage=stage,
+            input_digest=input_digest,
+            params=params,
+            tools=tools,
+            files=files,
+            metrics={**output.metrics, "seconds": round(seconds, 3)},
+            info=output.info,
+            job_id=ctx.job_id,
+            worker=ctx.worker,
+        )
+        save_manifest(ctx.store, manifest)
+        return manifest, False

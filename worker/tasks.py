@@ -1,0 +1,177 @@
+"""Thin Celery tasks: arguments, job bookkeeping, retries. The work is in ``worker.stages``.
+
+Every task takes keyword arguments that read well in Flower (job id, model, stage, variant)
+and passes small JSON results down the chain: step keys, never model bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+from celery import Task
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+
+from shared.errors import TransientError, UserInputError
+from shared.jobs import FAILED, RUNNING, SUCCEEDED, JobStore
+from shared.settings import get_settings
+from worker.app import app
+from worker.context import JobCancelled, StageContext
+
+log = logging.getLogger("modelyard.worker")
+settings = get_settings()
+_jobs: JobStore | None = None
+
+
+def job_store() -> JobStore:
+    global _jobs
+    if _jobs is None:  # one connection pool per worker process, made after the fork
+        _jobs = JobStore.from_url(app.conf.broker_url)
+    return _jobs
+
+
+class StageTask(Task):
+    autoretry_for = (TransientError, redis.ConnectionError, redis.TimeoutError, ConnectionError)
+    retry_backoff = 2
+    retry_backoff_max = 60
+    retry_jitter = True
+    max_retries = settings.max_retries
+    stage = ""
+
+    def context(self, job_id: str) -> StageContext:
+        info = self.request.delivery_info or {}
+        return StageContext(
+            settings=settings,
+            jobs=job_store(),
+            job_id=job_id,
+            worker=self.request.hostname or "local",
+            queue=info.get("routing_key") or "cpu",
+        )
+
+    def run_stage(self, stage: str, job_id: str, work) -> Any:
+        ctx = self.context(job_id)
+        try:
+            ctx.check_not_cancelled()
+            ctx.jobs.set_state(job_id, RUNNING)
+            ctx.jobs.update_stage(job_id, stage, state="running", worker=ctx.worker, queue=ctx.queue,
+                                  started=time.time(), attempt=self.request.retries + 1)
+            return work(ctx)
+        except JobCancelled:
+            ctx.jobs.update_stage(job_id, stage, state="cancelled", finished=time.time())
+            raise Ignore() from None
+        except SoftTimeLimitExceeded:
+            raise UserInputError(
+                f"stage {stage} exceeded its time limit of {settings.stage_soft_time_limit_s} s "
+                "(MODELYARD_STAGE_SOFT_TIME_LIMIT_S)"
+            ) from None
+
+    def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
+        job_id = kwargs.get("job_id")
+        if not job_id:
+            return
+        stage = self.stage + (f":{kwargs['variant']}" if kwargs.get("variant") else "")
+        message = str(exc) if isinstance(exc, UserInputError) else f"{type(exc).__name__}: {exc}"
+        jobs = job_store()
+        jobs.update_stage(job_id, stage, state="failed", message=message, finished=time.time())
+        jobs.set_state(job_id, FAILED, f"{stage}: {message}")
+        log.warning("job %s failed in %s: %s", job_id, stage, message)
+
+
+def _finish(ctx: StageContext, final: bool, summary: dict) -> None:
+    if final:
+        ctx.jobs.set_fields(ctx.job_id, result=summary)
+        ctx.jobs.set_state(ctx.job_id, SUCCEEDED)
+
+
+def _stage_record(manifest, cached: bool) -> dict:
+    return {
+        "state": "cached" if cached else "done",
+        "finished": time.time(),
+        "step_key": manifest.step_key,
+        "computed_by": manifest.worker,
+        "files": [f.to_dict() for f in manifest.files],
+        "size_bytes": manifest.size,
+        "metrics": manifest.metrics,
+    }
+
+
+@app.task(bind=True, base=StageTask, name="modelyard.convert", stage="convert")
+def convert(self: StageTask, *, job_id: str, model: str, final: bool = False) -> dict:
+    from worker.stages.convert import run_convert
+
+    def work(ctx: StageContext) -> dict:
+        manifest, cached = run_convert(ctx)
+        ctx.jobs.update_stage(job_id, "convert", **_stage_record(manifest, cached))
+        result = {"model_key": manifest.step_key, "convert_key": manifest.step_key, "variant": None}
+        _finish(ctx, final, result)
+        return result
+
+    return self.run_stage("convert", job_id, work)
+
+
+
+@app.task(bind=True, base=StageTask, name="modelyard.optimize", stage="optimize")
+def optimize(self: StageTask, converted: dict, *, job_id: str, model: str, variant: str) -> dict:
+    from worker.stages.optimize import run_variant, variant_summary
+
+    stage = f"optimize:{variant}"
+
+    def work(ctx: StageContext) -> dict:
+        try:
+            manifest, cached = run_variant(ctx, converted["convert_key"], variant)
+        except UserInputError as exc:  # one broken variant must not sink its siblings
+            ctx.jobs.update_stage(job_id, stage, state="failed", message=str(exc), finished=time.time())
+            return {"variant": variant, "error": str(exc), "worker": ctx.worker, "queue": ctx.queue}
+        summary = variant_summary(variant, manifest, cached, ctx)
+        ctx.jobs.update_stage(job_id, stage, **_stage_record(manifest, cached), summary=summary)
+        return {**summary, "convert_key": converted["convert_key"]}
+
+    return self.run_stage(stage, job_id, work)
+
+
+
+@app.task(bind=True, base=StageTask, name="modelyard.select", stage="select")
+def select(self: StageTask, results: list[dict], *, job_id: str, model: str, final: bool = False) -> dict:
+    from worker.stages.optimize import select as choose
+
+    def work(ctx: StageContext) -> dict:
+        measured = [r for r in results if "error" not in r]
+        errors = [{"variant": r["variant"], "verdict": f"error: {r['error']}"} for r in results if "error" in r]
+        try:
+            best, table = choose(ctx, measured)
+        except UserInputError as exc:
+            ctx.jobs.update_stage(job_id, "select", table=measured + errors)
+            raise UserInputError(f"{exc}" + "".join(f"; {e['variant']} ({e['verdict']})" for e in errors)) from None
+        table += errors
+        ctx.jobs.update_stage(job_id, "select", state="done", finished=time.time(), selected=best["variant"],
+                              table=table)
+        result = {"model_key": best["step_key"], "convert_key": best["convert_key"], "variant": best["variant"]}
+        _finish(ctx, final, result)
+        return result
+
+    return self.run_stage("select", job_id, work)
+
+
+
+@app.task(bind=True, base=StageTask, name="modelyard.deploy", stage="deploy")
+def deploy(self: StageTask, chosen: dict, *, job_id: str, model: str, final: bool = True) -> dict:
+    from worker.stages.deploy import run_deploy
+
+    def work(ctx: StageContext) -> dict:
+        record = ctx.record
+        lineage = {
+            "source_digest": record["source"]["digest"],
+            "variant": chosen.get("variant"),
+            "stages": {name: {k: v for k, v in s.items() if k in ("step_key", "metrics", "computed_by")}
+                       for name, s in record["stages"].items()},
+            "spec": record["spec"],
+        }
+        result = run_deploy(ctx, chosen["model_key"], chosen["convert_key"], lineage)
+        ctx.jobs.update_stage(job_id, "deploy", state="done", finished=time.time(), **result)
+        _finish(ctx, final, {**chosen, **result})
+        return result
+
+    return self.run_stage("deploy", job_id, work)
+
