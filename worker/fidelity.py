@@ -55,11 +55,14 @@ def compare_one(reference: np.ndarray, actual: np.ndarray, *, classification: bo
     reference = np.asarray(reference)
     actual = np.asarray(actual)
     values = cosines(reference, actual)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
         diff = np.abs(reference.astype(np.float64) - actual.astype(np.float64))
-    max_abs = float(np.nanmax(diff)) if diff.size else 0.0
-    if diff.size and not np.isfinite(diff).all():
+    if not diff.size:
+        max_abs = 0.0
+    elif not np.isfinite(diff).all():
         max_abs = float("inf")
+    else:
+        max_abs = float(diff.max())
     result = {
         "cosine_min": float(values.min()) if values.size else 1.0,
         "cosine_mean": float(values.mean()) if values.size else 1.0,

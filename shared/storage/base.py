@@ -109,9 +109,15 @@ class ArtifactStore(ABC):
         self._upload(key, Path(source))
 
     def get_object(self, key: str, dest: Path) -> Path:
+        """Download an object to dest; dest appears only when the download completed."""
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        self._download(key, dest)
+        tmp = dest.with_name(f".{dest.name}.part")
+        try:
+            self._download(key, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
         return dest
 
     # -- JSON documents ---------------------------------------------------------------

@@ -69,6 +69,35 @@ def stage_copy(model: Path, scratch: Path) -> Path:
     return target
 
 
+def _typed_for_contrib_ops(model: Path, target: Path) -> Path:
+    """Give contrib-op outputs a type, or the quantizer cannot handle a graph-optimized model.
+
+    The quantizer types tensors with onnx's shape inference, which does not know the
+    com.microsoft ops (Attention, SkipLayerNormalization, ...) the graph optimizer fuses in,
+    and fails with "Unable to find data type for weight_name=...". ONNX Runtime's symbolic
+    shape inference knows them.
+    """
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    if all(node.domain in ("", "ai.onnx") for node in proto.graph.node):
+        return model
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    from worker.runtime import save_onnx
+
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(onnx.load(str(model)), auto_merge=True)
+    except Exception as exc:  # noqa: BLE001
+        message = " ".join(str(exc).split())[:200]
+        raise UserInputError(
+            f"int8-dynamic cannot type the contrib ops of {model.name} (from a graph optimization?): {message}; "
+            "quantize before optimizing the graph instead (variant 'int8-dynamic+graph')"
+        ) from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return save_onnx(inferred, target)
+
+
 class Int8Dynamic(Optimizer):
     name = "int8-dynamic"
     applies_to = ("onnx",)
@@ -86,6 +115,7 @@ class Int8Dynamic(Optimizer):
         shutil.rmtree(scratch, ignore_errors=True)
         try:
             source = stage_copy(Path(request.model).absolute(), scratch / "input")
+            source = _typed_for_contrib_ops(source, scratch / "typed" / "model.onnx")
             large = model_bytes(source) > PROTO_LIMIT
             logging.getLogger().addFilter(_drop_preprocess_hint)
             with working_directory(scratch):

