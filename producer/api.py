@@ -124,11 +124,11 @@ def submit(job_file: str | Path, *, settings: Settings | None = None) -> str:
         "queues": _plan(spec),
     })
     try:
-        result = build_chain(spec, job_id).apply_async()
+        result_id = build_chain(spec, job_id).apply_async().id
     except Exception as exc:  # nothing half-recorded: a job that was not enqueued does not exist
         jobs.delete(job_id)
         raise BrokerUnavailable(f"could not enqueue job: {exc}") from None
-    jobs.set_fields(job_id, result_id=result.id)
+    jobs.set_fields(job_id, result_id=result_id)
     return job_id
 
 

@@ -21,8 +21,8 @@ from shared.errors import UserInputError
 from shared.settings import get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Convert, optimize and deploy trained models.")
-console = Console()
-err = Console(stderr=True)
+console = Console(width=None if Console().is_terminal else 160)
+err = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 160)
 
 EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_JOB_FAILED = 2, 3, 1
 
@@ -128,7 +128,7 @@ def up(
         existing = running_stack(settings)
         if existing:
             raise _fail(f"a local stack is already running (pid {existing['pid']})", EXIT_BAD_INPUT)
-        args = [sys.executable, "-m", "producer.cli", "up", f"--cpu-workers={cpu_workers}",
+        args = [sys.executable, "-m", "producer", "up", f"--cpu-workers={cpu_workers}",
                 f"--gpu-workers={gpu_workers}", "--flower" if flower else "--no-flower"]
         settings.home_dir.mkdir(parents=True, exist_ok=True)
         with open(settings.home_dir / "up.log", "ab") as log:
@@ -219,9 +219,9 @@ def worker(
     os.execv(sys.executable, args)
 
 
+# Commands kept in their own modules register themselves on ``app`` when imported.
+from producer import cli_repository  # noqa: E402,F401
+
+
 def main() -> None:
     app()
-
-
-if __name__ == "__main__":
-    main()

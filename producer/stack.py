@@ -49,7 +49,7 @@ class Stack:
         for pool, count in (("cpu", self.cpu_workers), ("gpu", self.gpu_workers)):
             for index in range(count):
                 name = f"{pool}{index + 1}@%h"
-                args = [sys.executable, "-m", "producer.cli", "worker", "--pool", pool, "--name", name,
+                args = [sys.executable, "-m", "producer", "worker", "--pool", pool, "--name", name,
                         "--concurrency", "1"]
                 if pool == "gpu":
                     args.append("--allow-cpu")

@@ -43,7 +43,7 @@ class Cluster:
 
     def start_worker(self, pool: str, name: str, *, concurrency: int = 1, extra_env: dict | None = None) -> WorkerProcess:
         log = self.folder / f"worker-{name.replace('@', '-')}.log"
-        args = [sys.executable, "-m", "producer.cli", "worker", "--pool", pool, "--name", name,
+        args = [sys.executable, "-m", "producer", "worker", "--pool", pool, "--name", name,
                 "--concurrency", str(concurrency)]
         if pool == "gpu":
             args.append("--allow-cpu")

@@ -134,19 +134,19 @@ def optimize(self: StageTask, converted: dict, *, job_id: str, model: str, varia
 
 @app.task(bind=True, base=StageTask, name="modelyard.select", stage="select")
 def select(self: StageTask, results: list[dict], *, job_id: str, model: str, final: bool = False) -> dict:
+    from worker.stages.optimize import format_rejections
     from worker.stages.optimize import select as choose
 
     def work(ctx: StageContext) -> dict:
         measured = [r for r in results if "error" not in r]
         errors = [{"variant": r["variant"], "verdict": f"error: {r['error']}"} for r in results if "error" in r]
-        try:
-            best, table = choose(ctx, measured)
-        except UserInputError as exc:
-            ctx.jobs.update_stage(job_id, "select", table=measured + errors)
-            raise UserInputError(f"{exc}" + "".join(f"; {e['variant']} ({e['verdict']})" for e in errors)) from None
+        best, table = choose(ctx, measured)
         table += errors
-        ctx.jobs.update_stage(job_id, "select", state="done", finished=time.time(), selected=best["variant"],
-                              table=table)
+        ctx.jobs.update_stage(job_id, "select", finished=time.time(), table=table,
+                              selected=best["variant"] if best else None)
+        if best is None:
+            raise UserInputError("no variant passed: " + format_rejections(table))
+        ctx.jobs.update_stage(job_id, "select", state="done")
         result = {"model_key": best["step_key"], "convert_key": best["convert_key"], "variant": best["variant"]}
         _finish(ctx, final, result)
         return result

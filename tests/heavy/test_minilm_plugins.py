@@ -139,6 +139,26 @@ def test_convert_refuses_pickle_weights_and_unknown_task(tmp_path):
         converter.convert(_convert_request(folder, tmp_path / "out", task="translation"))
 
 
+def test_convert_text_classification_with_user_samples(tmp_path):
+    """MiniLM's encoder with a (freshly initialized) classification head; user gives input_ids only."""
+    from worker.fidelity import compare
+    from worker.plugins import registry
+    from worker.runtime import load_session
+
+    ids = np.random.default_rng(1).integers(1000, 2000, size=(3, 16))
+    source = Path(gt_minilm.get_model_path())
+    result = registry.converter("hf-transformers").convert(
+        _convert_request(source, tmp_path, task="text-classification", samples={"input_ids": ids})
+    )
+    assert result.extra["samples"] == "user"
+    assert set(result.samples) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert [(t.name, t.shape) for t in result.outputs] == [("logits", ["batch", 2])]
+    session = load_session(tmp_path / result.model_file)
+    fidelity = compare(result.reference, session.run(result.samples))
+    assert fidelity["max_abs"] < 1e-4 and fidelity["top1_agreement"] == 1.0
+    assert session.run({k: v[:1] for k, v in result.samples.items()})["logits"].shape == (1, 2)
+
+
 # --- optimizers -------------------------------------------------------------------------------
 
 
@@ -216,6 +236,21 @@ def test_runtime_refuses_truncated_and_random_files(minilm, tmp_path):
             load_session(path)
         message = str(info.value)
         assert path.name in message and "\n" not in message and len(message) < 400
+
+
+def test_runtime_tflite_and_unknown_files_fail_clearly(tmp_path):
+    from worker.runtime import load_session
+
+    fake = tmp_path / "fake.tflite"
+    fake.write_bytes(b"TFL3" + bytes(60))
+    with pytest.raises(UserInputError, match="fake.tflite"):  # litert missing, or the file is refused
+        load_session(fake)
+    other = tmp_path / "model.pt"
+    other.write_bytes(b"x")
+    with pytest.raises(UserInputError, match=r"unknown model file type \.pt"):
+        load_session(other)
+    with pytest.raises(UserInputError, match="does not exist"):
+        load_session(tmp_path / "absent.onnx")
 
 
 def test_runtime_names_missing_and_extra_inputs_and_casts(minilm):

@@ -127,3 +127,20 @@ def test_status_json_shows_stage_states_artifacts_and_metrics(minilm_result, pro
     shown = json.loads(result.output)
     assert shown["state"] == "SUCCEEDED"
     assert shown["stages"]["deploy"]["uri"].endswith(f"/minilm/{shown['stages']['deploy']['version']}/")
+
+
+def test_a_job_whose_every_variant_fails_the_gate_ends_failed_with_the_measured_values(
+    minilm_result, minilm_job, producer_env
+):
+    job_file, _ = minilm_job
+    strict = job_file.with_name("strict.yaml")
+    strict.write_text(job_file.read_text().replace("cosine_min: 0.99}", "cosine_min: 0.99999}")
+                      .replace("alias: production", "alias: strict"))
+    job = api.wait(api.submit(strict), timeout=300)
+    assert job["state"] == "FAILED"
+    assert "no variant passed" in job["error"] and "int8-dynamic (rejected: cosine_min 0.9" in job["error"]
+    verdicts = {row["variant"]: row["verdict"] for row in job["stages"]["select"]["table"]}
+    assert verdicts["fp32"] == "baseline" and verdicts["int8-dynamic"].startswith("rejected")
+    assert "deploy" not in job["stages"]
+    repo = ModelRepository.open(minilm_job[1].as_uri())
+    assert "strict" not in repo.aliases("minilm")

@@ -14,7 +14,6 @@ ints for the transformer optimizer (0 = detect).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from shared.errors import UserInputError
@@ -85,15 +84,11 @@ class Graph(Optimizer):
 
         from worker.runtime import save_onnx
 
-        ort_logger = logging.getLogger("onnxruntime.transformers")
-        level = ort_logger.level
-        ort_logger.setLevel(logging.ERROR)  # fusion progress is logged at WARNING/INFO
-        try:
-            optimized = optimize_model(
-                str(source), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, use_gpu=False
-            )
-        finally:
-            ort_logger.setLevel(level)
+        # Its loggers are named after bare module names ("fusion_attention", ...): the package puts
+        # its folder on sys.path. With heads/hidden size known they stay quiet on BERT graphs.
+        optimized = optimize_model(
+            str(source), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, use_gpu=False
+        )
         optimized.topological_sort()
         proto = optimized.model
         if any(n.domain == "com.microsoft" for n in proto.graph.node) and not any(

@@ -104,10 +104,17 @@ class HFTransformers(Converter):
             )
         samples, origin = _samples(request, folder, config, input_names)
 
-        wrapper = _Wrapper(model, input_names, output_name)
+        wrapper = _wrap(model, input_names, output_name)
         args = tuple(torch.from_numpy(samples[name]) for name in input_names)
-        with torch.inference_mode():
-            out = wrapper(*args)
+        try:
+            with torch.inference_mode():
+                out = wrapper(*args)
+        except (RuntimeError, IndexError, ValueError) as exc:
+            message = " ".join(str(exc).split())[:300]
+            raise UserInputError(
+                f"model.source {request.model.source}: the model fails on the sample inputs "
+                f"{list(samples['input_ids'].shape)}: {message}"
+            ) from None
         reference = {output_name: out.detach().float().numpy().copy()}
 
         dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in input_names}
@@ -149,20 +156,19 @@ class HFTransformers(Converter):
         )
 
 
-class _Wrapper:  # made an nn.Module lazily (torch is not imported at module level)
-    def __new__(cls, model, input_names: list[str], output_name: str):
-        import torch
+def _wrap(model, input_names: list[str], output_name: str):
+    """An nn.Module taking the inputs positionally and returning the one output tensor."""
+    import torch
 
-        class Wrapper(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
 
-            def forward(self, *tensors):
-                kwargs = dict(zip(input_names, tensors))
-                return getattr(self.model(**kwargs, return_dict=True), output_name)
+        def forward(self, *tensors):
+            return getattr(self.model(**dict(zip(input_names, tensors)), return_dict=True), output_name)
 
-        return Wrapper().eval()
+    return Wrapper().eval()
 
 
 def _task(request: ConvertRequest, folder: Path) -> str:
@@ -233,9 +239,16 @@ def _load_model(folder: Path, auto_class, source: str):
 
 def _samples(request: ConvertRequest, folder: Path, config, input_names: list[str]) -> tuple[Arrays, str]:
     spec = request.convert.samples
-    if request.samples is not None:
-        return _user_samples(request.samples, input_names, config, request.model.samples or "samples"), "user"
     limit = getattr(config, "max_position_embeddings", None)
+    if request.samples is not None:
+        origin = request.model.samples or "samples"
+        samples = _user_samples(request.samples, input_names, config, origin)
+        if isinstance(limit, int) and samples["input_ids"].shape[1] > limit:
+            raise UserInputError(
+                f"model.samples {origin}: sequence length {samples['input_ids'].shape[1]} exceeds the model's "
+                f"max_position_embeddings {limit}"
+            )
+        return samples, "user"
     if isinstance(limit, int) and spec.sequence > limit:
         raise UserInputError(
             f"convert.samples.sequence {spec.sequence} exceeds the model's max_position_embeddings {limit}"

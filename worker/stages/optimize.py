@@ -157,8 +157,8 @@ def variant_summary(variant: str, manifest: Manifest, cached: bool, ctx: StageCo
     }
 
 
-def select(ctx: StageContext, results: list[dict]) -> tuple[dict, list[dict]]:
-    """Pick the variant to deploy; returns it and the table with a verdict for every row."""
+def select(ctx: StageContext, results: list[dict]) -> tuple[dict | None, list[dict]]:
+    """Pick the variant to deploy (None when nothing qualifies) and the table with every verdict."""
     baseline = next((r for r in results if r["variant"] == BASELINE), None)
     table = []
     for row in results:
@@ -180,7 +180,7 @@ def select(ctx: StageContext, results: list[dict]) -> tuple[dict, list[dict]]:
             row["verdict"] = "candidate"
             candidates.append(row)
     if not candidates:
-        raise UserInputError("no variant passed: " + format_rejections(table))
+        return None, table
     key = (lambda r: (r["p50_ms"], r["size_bytes"])) if objective == "latency" else (
         lambda r: (r["size_bytes"], r["p50_ms"]))
     best = min(candidates, key=key)
