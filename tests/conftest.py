@@ -11,6 +11,7 @@ import pytest
 from shared.redis_server import start_redis
 from shared.settings import get_settings
 from tests.services import Cluster
+from tests.storage_fixtures import gcs_emulator  # noqa: F401  (session fixture)
 
 
 @pytest.fixture(scope="session")
@@ -21,11 +22,13 @@ def redis_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def service_env(redis_server, tmp_path_factory) -> dict[str, str]:
-    """Environment pointing the producer and workers at the private Redis and a store folder."""
+def service_env(redis_server, gcs_emulator, tmp_path_factory) -> dict[str, str]:  # noqa: F811
+    """Environment pointing the producer and workers at the private Redis, a store folder and the GCS emulator."""
     home = tmp_path_factory.mktemp("home")
     return {
         **os.environ,
+        "STORAGE_EMULATOR_HOST": gcs_emulator,
+        "MODELYARD_GCS_CREATE_BUCKET": "1",
         "MODELYARD_BROKER_URL": redis_server.url,
         "MODELYARD_ARTIFACT_STORE": (home / "artifacts").as_uri(),
         "MODELYARD_HOME": str(home),

@@ -43,6 +43,7 @@ def run_deploy(ctx: StageContext, model_key: str, convert_key: str, lineage: dic
             ctx.store.get_files([convert.file(SAMPLES), convert.file(REFERENCE)], Path(tmp) / "check")
             model_file = folder / model_step.info["model_file"]
             smoke = smoke_gate(ctx, model_file, Path(tmp) / "check")
+            ctx.check_not_cancelled()  # a cancelled job never claims a version
             version = repository.claim_version(name, {"job_id": ctx.job_id, "artifact_digest": artifact_digest})
             target_name = "model" + model_file.suffix
             files = {
