@@ -220,7 +220,7 @@ def worker(
 
 
 # Commands kept in their own modules register themselves on ``app`` when imported.
-from producer import cli_repository  # noqa: E402,F401
+from producer import cli_operations, cli_repository  # noqa: E402,F401
 
 
 def main() -> None:

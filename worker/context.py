@@ -10,6 +10,7 @@ from shared.jobs import CANCELLED, JobStore
 from shared.jobspec import JobSpec
 from shared.settings import Settings
 from shared.storage import ArtifactStore, FileRef, open_store
+from worker import metrics
 
 
 class JobCancelled(Exception):
@@ -37,7 +38,7 @@ class StageContext:
 
     @cached_property
     def store(self) -> ArtifactStore:
-        return open_store(self.record["artifact_store"])
+        return metrics.instrument_store(open_store(self.record["artifact_store"]))
 
     @property
     def source_files(self) -> list[FileRef]:

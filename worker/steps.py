@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from shared.errors import TransientError
 from shared.manifest import Manifest, load_manifest, save_manifest, step_key
+from worker import metrics
 from worker.context import StageContext
 
 
@@ -88,11 +89,14 @@ def run_step(
     key = step_key(stage=stage, input_digest=input_digest, params=params, tools=tools)
     cached = load_manifest(ctx.store, key)
     if cached is not None:
+        metrics.cache_lookup(stage, hit=True)
         return cached, True
     with step_lease(ctx, key):
         cached = load_manifest(ctx.store, key)  # computed by whoever held the lease before us
         if cached is not None:
+            metrics.cache_lookup(stage, hit=True)
             return cached, True
+        metrics.cache_lookup(stage, hit=False)
         with tempfile.TemporaryDirectory(prefix=f"modelyard-{stage.replace(':', '-')}-") as tmp:
             started = time.perf_counter()
             output = compute(Path(tmp))

@@ -17,6 +17,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from shared.errors import TransientError, UserInputError
 from shared.jobs import FAILED, RUNNING, SUCCEEDED, JobStore
 from shared.settings import get_settings
+from worker import metrics
 from worker.app import app
 from worker.context import JobCancelled, StageContext
 
@@ -57,7 +58,11 @@ class StageTask(Task):
             ctx.jobs.set_state(job_id, RUNNING)
             ctx.jobs.update_stage(job_id, stage, state="running", worker=ctx.worker, queue=ctx.queue,
                                   started=time.time(), attempt=self.request.retries + 1)
-            return work(ctx)
+            with metrics.track_stage(stage, ctx.queue) as tracked:
+                result = work(ctx)
+                if isinstance(result, dict) and "error" in result:
+                    tracked.outcome = "failed"  # an optimize variant that returned its error
+                return result
         except JobCancelled:
             ctx.jobs.update_stage(job_id, stage, state="cancelled", finished=time.time())
             raise Ignore() from None
@@ -75,14 +80,16 @@ class StageTask(Task):
         message = str(exc) if isinstance(exc, UserInputError) else f"{type(exc).__name__}: {exc}"
         jobs = job_store()
         jobs.update_stage(job_id, stage, state="failed", message=message, finished=time.time())
-        jobs.set_state(job_id, FAILED, f"{stage}: {message}")
+        if jobs.set_state(job_id, FAILED, f"{stage}: {message}"):
+            metrics.job_finished(FAILED)
         log.warning("job %s failed in %s: %s", job_id, stage, message)
 
 
 def _finish(ctx: StageContext, final: bool, summary: dict) -> None:
     if final:
         ctx.jobs.set_fields(ctx.job_id, result=summary)
-        ctx.jobs.set_state(ctx.job_id, SUCCEEDED)
+        if ctx.jobs.set_state(ctx.job_id, SUCCEEDED):
+            metrics.job_finished(SUCCEEDED)
 
 
 def _stage_record(manifest, cached: bool) -> dict:
