@@ -163,18 +163,37 @@ def test_convert_text_classification_with_user_samples(tmp_path):
 
 
 def test_int8_dynamic_is_a_quarter_the_size_and_close(minilm, variant):
+    """Default recipe: SmoothQuant-smoothed inputs + per-channel dynamic INT8, weight type by measurement.
+
+    On this stack (AVX2, no VNNI) it measures per-token cosine min 0.9935 / mean 0.998 (0.991 on
+    held-out sentences) at 0.255x the bytes; plain per-channel U8S8 gave 0.948.
+    """
+    import onnx
+
     from worker.runtime import model_bytes
 
     _, fp32 = minilm
     int8 = variant("int8-dynamic")
     assert int8.name == "model.onnx" and sorted(p.name for p in int8.parent.iterdir()) == ["model.onnx"]
-    assert model_bytes(int8) < 0.3 * model_bytes(fp32)
+    assert model_bytes(int8) <= 0.30 * model_bytes(fp32)
     fidelity = _fidelity(minilm, int8)
-    # Per token, on real text at 128 tokens, this stack (AVX2 CPU) measures cosine min 0.948 /
-    # mean 0.988; pooled sentence embeddings stay at 0.98-0.99. A 0.99 per-token minimum is not
-    # reachable with dynamic INT8 here (see the report); these bounds catch a real regression.
-    assert fidelity["cosine_mean"] >= 0.985
-    assert fidelity["cosine_min"] >= 0.93
+    assert fidelity["cosine_min"] >= 0.99
+    assert fidelity["cosine_mean"] >= 0.995
+    meta = {p.key: p.value for p in onnx.load(str(int8), load_external_data=False).metadata_props}
+    assert meta["modelyard.int8.smooth_alpha"] == "0.75"
+    assert meta["modelyard.int8.weight_type"].endswith("(auto)")
+
+
+def test_int8_dynamic_smoothing_is_what_lifts_fidelity(minilm, variant):
+    """The previous default (no smoothing, int8 weights) measured 0.948 per token here; smoothing alone helps.
+
+    Only the mean is compared: how far plain U8S8 falls depends on the CPU (int16 saturation on
+    AVX2 without VNNI), so its minimum is not pinned here.
+    """
+    plain = _fidelity(minilm, variant("int8-dynamic", smooth=False, weight_type="int8"))
+    smoothed = _fidelity(minilm, variant("int8-dynamic", weight_type="int8"))
+    assert plain["cosine_mean"] >= 0.985
+    assert smoothed["cosine_mean"] > plain["cosine_mean"]
 
 
 def test_per_tensor_is_less_faithful_than_per_channel(minilm, variant):
@@ -189,6 +208,10 @@ def test_int8_dynamic_rejects_unknown_params(minilm, variant):
         variant("int8-dynamic", bits=4)
     with pytest.raises(UserInputError, match="per_channel must be a bool"):
         variant("int8-dynamic", per_channel="no")
+    with pytest.raises(UserInputError, match="weight_type must be one of auto, int8, uint8"):
+        variant("int8-dynamic", weight_type="int4")
+    with pytest.raises(UserInputError, match="smooth_alpha must be within 0..1"):
+        variant("int8-dynamic", smooth_alpha=2)
 
 
 def test_fp16_loads_and_keeps_cosine(minilm, variant):

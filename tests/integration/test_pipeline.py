@@ -144,3 +144,34 @@ def test_a_job_whose_every_variant_fails_the_gate_ends_failed_with_the_measured_
     assert "deploy" not in job["stages"]
     repo = ModelRepository.open(minilm_job[1].as_uri())
     assert "strict" not in repo.aliases("minilm")
+
+
+def test_the_minilm_job_deploys_to_gs_and_is_served_over_the_v2_protocol(minilm_result, minilm_job, producer_env,
+                                                                         tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tests.storage_fixtures import unique_bucket
+    from worker.serving import create_app
+
+    job_file, _ = minilm_job
+    uri = f"gs://{unique_bucket()}/repo"
+    gs_job = job_file.with_name("gs.yaml")
+    gs_job.write_text(job_file.read_text().replace("file://./model-repo", uri))
+    job = api.wait(api.submit(gs_job), timeout=300)
+    assert job["state"] == "SUCCEEDED", job.get("error")
+    assert job["stages"]["deploy"]["uri"] == f"{uri}/minilm/1/"
+
+    ids = np.full((1, 16), 2023, dtype=np.int64)
+    ids[0, 0], ids[0, -1] = 101, 102
+    body = {"inputs": [
+        {"name": name, "shape": [1, 16], "datatype": "INT64", "data": value.ravel().tolist()}
+        for name, value in (("input_ids", ids), ("attention_mask", np.ones_like(ids)),
+                            ("token_type_ids", np.zeros_like(ids)))
+    ]}
+    app = create_app(uri, "minilm", "production", poll_interval=60, cache_dir=tmp_path / "cache", threads=2)
+    with TestClient(app) as client:
+        assert client.get("/v2/health/ready").status_code == 200
+        response = client.post("/v2/models/minilm/infer", json=body)
+    assert response.status_code == 200, response.text
+    output = response.json()["outputs"][0]
+    assert output["shape"] == [1, 16, 384] and response.json()["model_version"] == "1"
