@@ -33,7 +33,11 @@ class BrokerUnavailable(Exception):
 
 @lru_cache(maxsize=4)
 def _celery(broker_url: str):
-    return make_celery(get_settings(), broker_url=broker_url)
+    app = make_celery(get_settings(), broker_url=broker_url)
+    # The producer never waits on Celery results (job state lives in the job record), so it must
+    # not subscribe to every sent task's result channel, as the Redis backend does by default.
+    app.backend.on_task_call = lambda producer, task_id: None
+    return app
 
 
 def broker_url(settings: Settings | None = None) -> str:
