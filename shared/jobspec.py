@@ -51,7 +51,6 @@ class ModelSpec(Strict):
     inputs: list[TensorSpec] | None = None
     factory: str | None = Field(default=None, description="module:callable building a torch architecture")
     samples: str | None = Field(default=None, description=".npz of sample inputs (keys are input names)")
-    eval_data: str | None = Field(default=None, description=".npz with inputs and 'labels' for accuracy")
 
     @field_validator("name")
     @classmethod
@@ -90,7 +89,6 @@ class Gate(Strict):
     cosine_min: float | None = Field(default=0.99, ge=-1, le=1)
     max_abs: float | None = Field(default=None, gt=0)
     top1_min: float | None = Field(default=None, ge=0, le=1)
-    accuracy_drop_max: float | None = Field(default=None, ge=0, le=1)
 
 
 class OptimizeSpec(Strict):

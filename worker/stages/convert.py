@@ -23,7 +23,7 @@ SAMPLES, REFERENCE = "samples.npz", "reference.npz"
 
 def convert_params(ctx: StageContext) -> dict:
     spec = ctx.spec
-    model = spec.model.model_dump(exclude={"name", "source", "samples", "eval_data"}, mode="json")
+    model = spec.model.model_dump(exclude={"name", "source", "samples"}, mode="json")
     samples = ctx.record.get("samples")
     return {
         "model": model,
