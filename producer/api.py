@@ -20,11 +20,10 @@ from celery import chain, chord, group
 from shared.celery_app import make_celery
 from shared.errors import UserInputError
 from shared.jobs import CANCELLED, TERMINAL, JobStore, new_job_id
-from shared.jobspec import JobSpec, load_job
+from shared.jobspec import BASELINE, JobSpec, load_job
 from shared.settings import Settings, get_settings
 from shared.storage import FileRef, digest_of_files, open_store
 
-BASELINE = "fp32"
 
 
 class BrokerUnavailable(Exception):
@@ -81,7 +80,7 @@ def queue_for(spec: JobSpec, stage: str, variant: str | None = None) -> str:
     if stage == "optimize" and variant and variant != BASELINE and spec.device == "gpu":
         from worker.plugins import registry
 
-        if any(registry.optimizers[p].gpu_benefit for p in variant.split("+")):
+        if any(registry.optimizers[p].gpu_benefit for p in spec.optimize.variant(variant).parts):
             return "gpu"
     return "cpu"
 
@@ -139,7 +138,7 @@ def submit(job_file: str | Path, *, settings: Settings | None = None) -> str:
 def _plan(spec: JobSpec) -> dict[str, str]:
     plan = {"convert": queue_for(spec, "convert")}
     if spec.optimize:
-        for variant in [BASELINE, *spec.optimize.variants]:
+        for variant in [BASELINE, *spec.optimize.ids]:
             plan[f"optimize:{variant}"] = queue_for(spec, "optimize", variant)
         plan["select"] = queue_for(spec, "select")
     if spec.deploy:
@@ -147,24 +146,39 @@ def _plan(spec: JobSpec) -> dict[str, str]:
     return plan
 
 
+def shown(job_id: str, model: str, stage: str, variant: str | None = None, inputs: str = "") -> dict[str, str]:
+    """What Flower shows as a stage task's arguments: job, model, stage and variant, never step-key blobs.
+
+    ``kwargsrepr`` stays a dict literal so that Flower's ``kwargs:job_id=…`` search still works.
+    """
+    kwargs = {"job_id": job_id, "model": model, "stage": stage, **({"variant": variant} if variant else {})}
+    return {"kwargsrepr": repr(kwargs), "argsrepr": f"({inputs})" if inputs else "()"}
+
+
 def build_chain(spec: JobSpec, job_id: str):
     app = _celery(broker_url())
-    common = {"job_id": job_id, "model": spec.model.name}
+    name = spec.model.name
+    common = {"job_id": job_id, "model": name}
     last = "deploy" if spec.deploy else "optimize" if spec.optimize else "convert"
     steps = [app.signature("modelyard.convert", kwargs={**common, "final": last == "convert"},
-                           queue=queue_for(spec, "convert"), immutable=True)]
+                           queue=queue_for(spec, "convert"), immutable=True,
+                           **shown(job_id, name, "convert"))]
     if spec.optimize:
+        ids = [BASELINE, *spec.optimize.ids]
         variants = [
             app.signature("modelyard.optimize", kwargs={**common, "variant": v},
-                          queue=queue_for(spec, "optimize", v))
-            for v in [BASELINE, *spec.optimize.variants]
+                          queue=queue_for(spec, "optimize", v),
+                          **shown(job_id, name, "optimize", v, "converted model"))
+            for v in ids
         ]
         selector = app.signature("modelyard.select", kwargs={**common, "final": last == "optimize"},
-                                 queue=queue_for(spec, "select"))
+                                 queue=queue_for(spec, "select"),
+                                 **shown(job_id, name, "select", inputs="measured variants: " + ", ".join(ids)))
         steps.append(chord(group(variants), selector))
     if spec.deploy:
         steps.append(app.signature("modelyard.deploy", kwargs={**common, "final": True},
-                                   queue=queue_for(spec, "deploy")))
+                                   queue=queue_for(spec, "deploy"),
+                                   **shown(job_id, name, "deploy", inputs="selected variant")))
     return chain(*steps)
 
 

@@ -104,6 +104,28 @@ def wait(
 
 
 @app.command()
+def report(
+    job_id: Annotated[str, typer.Argument(help="The job id.")],
+    html_path: Annotated[Path | None, typer.Option("--html", help="Write the HTML report (with chart) here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the variant table as JSON.")] = False,
+) -> None:
+    """Show a job's variant table (size, latency, speedup, fidelity, verdict) and write an HTML chart."""
+    from producer.report import html_report, variant_rows
+
+    job = _guard(lambda: api.status(job_id))
+    rows = variant_rows(job)
+    if not rows:
+        raise _fail(f"job {job_id} has no variant table (no optimize stage, or it has not finished)", EXIT_BAD_INPUT)
+    if as_json:
+        console.print_json(json.dumps(rows, default=str))
+    else:
+        console.print(variants_table(job))
+    target = html_path or Path(f"modelyard-report-{job_id}.html")
+    target.write_text(html_report(job))
+    err.print(f"HTML report: {target}", highlight=False)
+
+
+@app.command()
 def cancel(job_id: Annotated[str, typer.Argument(help="The job id.")]) -> None:
     """Cancel a job: its remaining stages do not run and nothing is deployed."""
     changed = _guard(lambda: api.cancel(job_id))

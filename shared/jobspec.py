@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -91,17 +91,68 @@ class Gate(Strict):
     top1_min: float | None = Field(default=None, ge=0, le=1)
 
 
+BASELINE = "fp32"  # the converted model as is: every job measures it as the reference point
+
+
+class VariantSpec(Strict):
+    """One variant: ``of`` names the optimizer plugins applied in order (``graph+int8-dynamic``).
+
+    ``params`` go to the plugin; for a combination they are keyed by plugin name. A plain string
+    in the job file is shorthand for ``{id: s, of: s}``.
+    """
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._+-]{0,62}$")
+    of: str = Field(pattern=r"^[a-z0-9][a-z0-9._+-]{0,126}$")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def parts(self) -> list[str]:
+        return self.of.split("+")
+
+    def params_for(self, part: str) -> dict[str, Any]:
+        if len(self.parts) == 1:
+            return dict(self.params)
+        return dict(self.params.get(part, {}))
+
+    @model_validator(mode="after")
+    def _combination_params_by_plugin(self) -> VariantSpec:
+        extra = set(self.params) - set(self.parts)
+        if len(self.parts) > 1 and extra:
+            raise ValueError(f"params of a combination are keyed by plugin name ({', '.join(self.parts)}), "
+                             f"not {', '.join(sorted(extra))}")
+        return self
+
+
 class OptimizeSpec(Strict):
-    variants: list[str] = Field(min_length=1, max_length=32)
+    variants: list[VariantSpec] = Field(min_length=1, max_length=32)
     gate: Gate = Gate()
     objective: Literal["latency", "size"] = "latency"
 
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _shorthand(cls, variants: Any) -> Any:
+        if isinstance(variants, list):
+            return [{"id": v, "of": v} if isinstance(v, str) else v for v in variants]
+        return variants
+
     @field_validator("variants")
     @classmethod
-    def _unique(cls, variants: list[str]) -> list[str]:
-        if len(set(variants)) != len(variants):
-            raise ValueError("variants must be distinct")
+    def _unique(cls, variants: list[VariantSpec]) -> list[VariantSpec]:
+        ids = [v.id for v in variants]
+        if len(set(ids)) != len(ids):
+            raise ValueError("variant ids must be distinct")
+        if BASELINE in ids:
+            raise ValueError(f"'{BASELINE}' is the baseline every job measures; it is not a variant to list")
         return variants
+
+    @property
+    def ids(self) -> list[str]:
+        return [v.id for v in self.variants]
+
+    def variant(self, variant_id: str) -> VariantSpec:
+        if variant_id == BASELINE:
+            return VariantSpec(id=BASELINE, of=BASELINE)
+        return next(v for v in self.variants if v.id == variant_id)
 
 
 class DeploySpec(Strict):
@@ -134,10 +185,10 @@ class JobSpec(Strict):
             known = ", ".join(sorted(registry.converters))
             raise ValueError(f"model.format {self.model.format!r} is not a known format (known: {known})")
         for variant in self.optimize.variants if self.optimize else []:
-            for part in variant.split("+"):
+            for part in variant.parts:
                 if part not in registry.optimizers:
                     known = ", ".join(sorted(registry.optimizers))
-                    raise ValueError(f"optimize.variants: {variant!r} is not a known variant (known: {known})")
+                    raise ValueError(f"optimize.variants: {variant.of!r} is not a known variant (known: {known})")
         return self
 
 

@@ -174,6 +174,7 @@ def deploy(self: StageTask, chosen: dict, *, job_id: str, model: str, final: boo
             "stages": {name: {k: v for k, v in s.items() if k in ("step_key", "metrics", "computed_by")}
                        for name, s in record["stages"].items()},
             "spec": record["spec"],
+            "variants": record["stages"].get("select", {}).get("table"),
         }
         result = run_deploy(ctx, chosen["model_key"], chosen["convert_key"], lineage)
         ctx.jobs.update_stage(job_id, "deploy", state="done", finished=time.time(), **result)

@@ -29,7 +29,12 @@ def minilm_job(tmp_path_factory, minilm_dir) -> tuple[Path, Path]:
     job = write_job(folder, "minilm", f"""
 model: {{name: minilm, source: {minilm_dir}, format: hf-transformers, task: feature-extraction}}
 convert: {{to: onnx, opset: 17}}
-optimize: {{variants: [int8-dynamic, fp16], gate: {{cosine_min: 0.99}}}}
+optimize:
+  variants:
+    - int8-dynamic
+    - fp16
+    - {{id: int8-per-tensor, of: int8-dynamic, params: {{per_channel: false, smooth: false, weight_type: int8}}}}
+  gate: {{cosine_min: 0.99}}
 deploy: {{repository: file://./model-repo, alias: production}}
 device: gpu
 """)
@@ -58,6 +63,12 @@ def test_minilm_job_deploys_an_int8_model_about_4x_smaller_that_passes_the_gate(
     assert (repo_dir / "minilm" / "config.pbtxt").read_text().count("TYPE_INT64") == 3
     assert manifest["lineage"]["source_digest"] == job["source"]["digest"]
     assert set(manifest["lineage"]["stages"]) >= {"convert", "optimize:int8-dynamic", "select"}
+
+
+def test_a_per_tensor_int8_variant_is_rejected_by_the_gate_with_its_measured_cosine(minilm_result):
+    verdict = {row["variant"]: row["verdict"] for row in minilm_result["stages"]["select"]["table"]}
+    assert verdict["int8-per-tensor"].startswith("rejected: cosine_min 0.")
+    assert "< gate 0.99" in verdict["int8-per-tensor"]
 
 
 def test_gpu_benefiting_variant_runs_on_the_gpu_worker_and_the_rest_on_the_cpu_worker(minilm_result):
@@ -175,3 +186,23 @@ def test_the_minilm_job_deploys_to_gs_and_is_served_over_the_v2_protocol(minilm_
     assert response.status_code == 200, response.text
     output = response.json()["outputs"][0]
     assert output["shape"] == [1, 16, 384] and response.json()["model_version"] == "1"
+
+
+def test_report_prints_the_variant_table_and_writes_an_html_chart(minilm_result, producer_env, tmp_path):
+    from typer.testing import CliRunner
+
+    from producer.cli import app
+
+    page = tmp_path / "report.html"
+    result = CliRunner().invoke(app, ["report", minilm_result["id"], "--json", "--html", str(page)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert {r["variant"] for r in rows} == {"fp32", "int8-dynamic", "fp16", "int8-per-tensor"}
+    text = page.read_text()
+    assert text.count("<circle") == 4 and "gate 0.99" in text and "int8-per-tensor" in text
+
+
+def test_the_deployed_manifest_carries_the_variant_table(minilm_result, minilm_job):
+    repo = ModelRepository.open(minilm_job[1].as_uri())
+    manifest = repo.manifest("minilm", minilm_result["stages"]["deploy"]["version"])
+    assert {r["variant"] for r in manifest["lineage"]["variants"]} >= {"fp32", "int8-dynamic"}

@@ -21,7 +21,8 @@ device: gpu
 def test_a_complete_job_file_parses_with_its_values():
     spec = parse_job(GOOD)
     assert spec.model.format == "hf-transformers"
-    assert spec.optimize.variants == ["int8-dynamic", "graph+int8-dynamic"]
+    assert spec.optimize.ids == ["int8-dynamic", "graph+int8-dynamic"]
+    assert spec.optimize.variant("graph+int8-dynamic").parts == ["graph", "int8-dynamic"]
     assert spec.deploy.alias == "production" and spec.device == "gpu"
 
 
@@ -51,6 +52,25 @@ def test_bad_job_files_name_the_field_that_is_wrong(text, named):
     with pytest.raises(UserInputError) as caught:
         parse_job(text)
     assert named in str(caught.value)
+
+
+def test_a_variant_may_carry_its_own_id_and_plugin_params():
+    spec = parse_job("model: {name: m, source: m.onnx, format: onnx}\n"
+                     "optimize: {variants: [int8-dynamic, {id: int8-per-tensor, of: int8-dynamic, "
+                     "params: {per_channel: false}}]}")
+    variant = spec.optimize.variant("int8-per-tensor")
+    assert variant.of == "int8-dynamic" and variant.params_for("int8-dynamic") == {"per_channel": False}
+
+
+def test_params_of_a_combination_must_be_keyed_by_plugin():
+    with pytest.raises(UserInputError, match="keyed by plugin name"):
+        parse_job("model: {name: m, source: m.onnx, format: onnx}\n"
+                  "optimize: {variants: [{id: x, of: graph+int8-dynamic, params: {per_channel: false}}]}")
+
+
+def test_fp32_is_the_baseline_and_cannot_be_listed_as_a_variant():
+    with pytest.raises(UserInputError, match="baseline"):
+        parse_job("model: {name: m, source: m.onnx, format: onnx}\noptimize: {variants: [fp32]}")
 
 
 def test_malformed_yaml_is_reported_as_such():

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import UserInputError
-from shared.jobspec import Gate
+from shared.jobspec import BASELINE, Gate
 from shared.manifest import Manifest, load_manifest
 from shared.storage import digest_of_files
 from worker.context import StageContext
@@ -23,18 +23,12 @@ from worker.stages.arrays import load_arrays
 from worker.stages.convert import REFERENCE, SAMPLES
 from worker.steps import StepOutput, run_step, tool_versions
 
-BASELINE = "fp32"
-
-
-def variant_parts(variant: str) -> list[str]:
-    return [] if variant == BASELINE else variant.split("+")
-
-
 def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Manifest, bool]:
     convert = load_manifest(ctx.store, convert_key)
     if convert is None:
         raise UserInputError(f"convert step {convert_key[:12]} has no manifest in {ctx.store.uri}")
-    parts = variant_parts(variant)
+    spec = ctx.spec.optimize.variant(variant)
+    parts = [] if variant == BASELINE else spec.parts
     optimizers = [registry.optimizer(name) for name in parts]
     tools: tuple[str, ...] = ("onnx", "onnxruntime")
     for optimizer in optimizers:
@@ -60,6 +54,7 @@ def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Mani
                     task=convert.info.get("task"),
                     inputs=[TensorInfo.from_dict(t) for t in convert.info["inputs"]],
                     outputs=[TensorInfo.from_dict(t) for t in convert.info["outputs"]],
+                    params=spec.params_for(optimizer.name),
                 )
             )
         out = tmp / "out"
@@ -75,7 +70,7 @@ def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Mani
         ctx,
         stage=f"optimize:{variant}",
         input_digest=digest_of_files(convert.files),
-        params={"variant": variant, "pool": ctx.queue, "threads": ctx.settings.bench_threads,
+        params={"of": spec.of, "params": spec.params, "pool": ctx.queue, "threads": ctx.settings.bench_threads,
                 "runs": ctx.settings.bench_runs},
         tools=tool_versions(tools),
         compute=compute,
