@@ -77,6 +77,8 @@ def queue_for(spec: JobSpec, stage: str, variant: str | None = None) -> str:
     """The pool a stage runs on: a pin in ``pools`` wins; else gpu-benefiting variants follow ``device``."""
     if stage in spec.pools:
         return spec.pools[stage]
+    if stage == "compress":  # training: the gpu pool when the job asks for it
+        return "gpu" if spec.device == "gpu" else "cpu"
     if stage == "optimize" and variant and variant != BASELINE and spec.device == "gpu":
         from worker.plugins import registry
 
@@ -105,6 +107,8 @@ def submit(job_file: str | Path, *, settings: Settings | None = None) -> str:
     spec, base = load_job(job_file)
     source = _resolve_local(spec.model.source, base, "model.source")
     samples_path = _resolve_local(spec.model.samples, base, "model.samples") if spec.model.samples else None
+    distill = spec.compress.distill if spec.compress else None
+    distill_path = _resolve_local(distill.data, base, "compress.distill.data") if distill else None
     if spec.deploy:
         deploy = spec.deploy.model_copy(update={"repository": _resolve_uri(spec.deploy.repository, base)})
         spec = spec.model_copy(update={"deploy": deploy})
@@ -115,6 +119,7 @@ def submit(job_file: str | Path, *, settings: Settings | None = None) -> str:
     if not files:
         raise UserInputError(f"model.source: {source} is an empty folder")
     samples = store.put_file(samples_path).to_dict() if samples_path else None
+    distill_data = store.put_file(distill_path).to_dict() if distill_path else None
 
     job_id = new_job_id()
     jobs.create(job_id, {
@@ -124,6 +129,7 @@ def submit(job_file: str | Path, *, settings: Settings | None = None) -> str:
         "source": {"files": [f.to_dict() for f in files], "digest": digest_of_files(files),
                    "is_folder": source.is_dir(), "path": str(source)},
         "samples": samples,
+        "distill_data": distill_data,
         "queues": _plan(spec),
     })
     try:
@@ -136,7 +142,8 @@ def submit(job_file: str | Path, *, settings: Settings | None = None) -> str:
 
 
 def _plan(spec: JobSpec) -> dict[str, str]:
-    plan = {"convert": queue_for(spec, "convert")}
+    plan = {"compress": queue_for(spec, "compress")} if spec.compress else {}
+    plan["convert"] = queue_for(spec, "convert")
     if spec.optimize:
         for variant in [BASELINE, *spec.optimize.ids]:
             plan[f"optimize:{variant}"] = queue_for(spec, "optimize", variant)
@@ -151,7 +158,7 @@ def shown(job_id: str, model: str, stage: str, variant: str | None = None, input
 
     ``kwargsrepr`` stays a dict literal so that Flower's ``kwargs:job_id=…`` search still works.
     """
-    kwargs = {"job_id": job_id, "model": model, "stage": stage, **({"variant": variant} if variant else {})}
+    kwargs = {"stage": stage, **({"variant": variant} if variant else {}), "model": model, "job_id": job_id}
     return {"kwargsrepr": repr(kwargs), "argsrepr": f"({inputs})" if inputs else "()"}
 
 
@@ -160,9 +167,13 @@ def build_chain(spec: JobSpec, job_id: str):
     name = spec.model.name
     common = {"job_id": job_id, "model": name}
     last = "deploy" if spec.deploy else "optimize" if spec.optimize else "convert"
-    steps = [app.signature("modelyard.convert", kwargs={**common, "final": last == "convert"},
-                           queue=queue_for(spec, "convert"), immutable=True,
-                           **shown(job_id, name, "convert"))]
+    steps = []
+    if spec.compress:  # the student it returns is what convert converts
+        steps.append(app.signature("modelyard.compress", kwargs=common, queue=queue_for(spec, "compress"),
+                                   immutable=True, **shown(job_id, name, "compress")))
+    steps.append(app.signature("modelyard.convert", kwargs={**common, "final": last == "convert"},
+                               queue=queue_for(spec, "convert"), immutable=not spec.compress,
+                               **shown(job_id, name, "convert", inputs="student model" if spec.compress else "")))
     if spec.optimize:
         ids = [BASELINE, *spec.optimize.ids]
         variants = [

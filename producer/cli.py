@@ -220,24 +220,39 @@ def worker(
     concurrency: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     allow_cpu: Annotated[bool, typer.Option("--allow-cpu", help="Let a gpu worker run without CUDA.")] = False,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    recycle_after: Annotated[int, typer.Option(min=1, help="gpu pool: replace a worker process after this many "
+                                               "tasks, releasing its GPU memory.")] = 20,
 ) -> None:
-    """Run a worker for one pool (replaces this process with the Celery worker)."""
+    """Run a worker for one pool (replaces this process with the Celery worker).
+
+    A gpu worker runs one process per visible GPU (CUDA_VISIBLE_DEVICES, else nvidia-smi), each
+    pinned to its GPU; --concurrency applies only where no GPU is visible (--allow-cpu).
+    """
     if pool not in ("cpu", "gpu"):
         raise _fail(f"--pool must be cpu or gpu, not {pool!r}", EXIT_BAD_INPUT)
     if pool == "gpu":
-        from worker.gpu import cuda_providers
+        from worker.gpu import GPU_DEVICES_ENV, cuda_providers, visible_gpus
 
+        gpus = visible_gpus()  # in subprocesses: CUDA is never initialized in the worker's parent
+        if gpus:
+            concurrency = len(gpus)
+            os.environ[GPU_DEVICES_ENV] = ",".join(gpus)
+        else:
+            os.environ.pop(GPU_DEVICES_ENV, None)
         providers = cuda_providers()
         if not providers and not allow_cpu:
             raise _fail("no CUDA execution provider is available to ONNX Runtime; a gpu worker needs one "
                         "(install modelyard[gpu] on a machine with a GPU, or pass --allow-cpu to run on CPU)",
                         EXIT_BAD_INPUT)
         if not providers:
-            err.print("[yellow]warning:[/] no CUDA device: this gpu-pool worker runs on the CPU (--allow-cpu)")
+            err.print("[yellow]warning:[/] ONNX Runtime has no CUDA provider: this gpu-pool worker runs ONNX models "
+                      "on the CPU (--allow-cpu)")
+        if gpus:
+            err.print(f"gpu pool: {len(gpus)} worker process(es), one per GPU ({', '.join(gpus)})", highlight=False)
     args = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", pool, "-n", name or f"{pool}@%h",
             "-c", str(concurrency), f"--loglevel={loglevel}", "-E"]
     if pool == "gpu":
-        args.append("--max-tasks-per-child=20")
+        args.append(f"--max-tasks-per-child={recycle_after}")
     os.execv(sys.executable, args)
 
 

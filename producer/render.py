@@ -39,6 +39,10 @@ def stages_table(job: dict) -> Table:
     now = time.time()
     for name, stage in stage_rows(job):
         st = stage.get("state", "waiting")
+        progress = stage.get("progress")
+        if st == "running" and progress and progress.get("steps"):  # a training stage (compress)
+            st = (f"running: epoch {progress['epoch']}/{progress['epochs']} step {progress['step']}/"
+                  f"{progress['steps']} loss {progress.get('loss', 0):.4f}")
         if st == "waiting" and stage.get("queue") == "gpu" and state in ("QUEUED", "RUNNING"):
             st = "waiting for the gpu pool"
         started, finished = stage.get("started"), stage.get("finished")

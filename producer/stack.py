@@ -56,9 +56,7 @@ class Stack:
                 self.processes.append(_spawn(args, env, logs / f"worker-{pool}{index + 1}.log"))
         flower_user, flower_password, flower_port = "admin", secrets.token_urlsafe(12), free_port()
         if self.flower:
-            args = [sys.executable, "-m", "celery", "-A", "worker.app", "flower", f"--port={flower_port}",
-                    "--address=127.0.0.1", "--persistent=True", f"--db={self.folder / 'flower.db'}",
-                    "--max_tasks=10000", "--purge_offline_workers=300"]
+            args = flower_command(self.folder / "flower.db", flower_port)
             flower_env = {**env, "FLOWER_BASIC_AUTH": f"{flower_user}:{flower_password}"}
             self.processes.append(_spawn(args, flower_env, logs / "flower.log"))
         self.info = {
@@ -94,6 +92,20 @@ class Stack:
     def stop(self) -> None:
         stop_pids([p.pid for p in reversed(self.processes)])
         self.settings.stack_file.unlink(missing_ok=True)
+
+
+# What the tasks page shows: the stage tasks' job id, model, stage and variant are in kwargs/args.
+FLOWER_TASK_COLUMNS = "name,kwargs,args,state,worker,runtime,received,uuid"
+
+
+def flower_command(db: Path, port: int, address: str = "127.0.0.1") -> list[str]:
+    """Flower for the stack: persistent (state saved every minute and on SIGTERM), bounded task count.
+
+    Basic auth comes from ``FLOWER_BASIC_AUTH`` in its environment, never from the command line.
+    """
+    return [sys.executable, "-m", "celery", "-A", "worker.app", "flower", f"--port={port}",
+            f"--address={address}", "--persistent=True", f"--db={db}", "--state_save_interval=60000",
+            "--max_tasks=10000", "--purge_offline_workers=300", f"--tasks_columns={FLOWER_TASK_COLUMNS}"]
 
 
 def _spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:

@@ -4,5 +4,5 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-. scripts/setup_env.sh "cpu,torch,test"
+. scripts/setup_env.sh "cpu,torch,tf,test"
 python -m pytest "$@"

@@ -65,5 +65,16 @@ def make_celery(settings: Settings, *, broker_url: str | None = None) -> Celery:
             "or start the local stack with 'modelyard up'"
         )
     app = Celery("modelyard")
-    app.conf.update(delivery_config(settings, url))
+    app.conf.update(delivery_config(settings, with_tls_defaults(url)))
     return app
+
+
+def with_tls_defaults(url: str) -> str:
+    """A ``rediss://`` URL that does not say otherwise verifies the server's certificate.
+
+    Celery's Redis result backend refuses a ``rediss://`` URL without ``ssl_cert_reqs``, and kombu
+    would connect without verifying; ``ssl_cert_reqs=required`` is what redis-py does by default.
+    """
+    if url.startswith("rediss://") and "ssl_cert_reqs=" not in url:
+        url += ("&" if "?" in url else "?") + "ssl_cert_reqs=required"
+    return url

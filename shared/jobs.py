@@ -43,8 +43,10 @@ class JobStore:
         self._set_state = client.register_script(_SET_STATE)
 
     @classmethod
-    def from_url(cls, url: str) -> JobStore:
-        return cls(redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30))
+    def from_url(cls, url: str, **options: Any) -> JobStore:
+        """A job store on the Redis at url; options go to ``redis.Redis`` (e.g. a more patient ``retry``)."""
+        settings = {"socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 30, **options}
+        return cls(redis.Redis.from_url(url, **settings))
 
     def create(self, job_id: str, fields: dict[str, Any]) -> None:
         now = time.time()

@@ -155,6 +155,46 @@ class OptimizeSpec(Strict):
         return next(v for v in self.variants if v.id == variant_id)
 
 
+PRUNE_METHODS = {"layers": "hf-transformers", "heads": "hf-transformers", "ffn-neurons": "hf-transformers",
+                 "channels": "torch-state-dict"}
+
+
+class PruneSpec(Strict):
+    """What to remove. ``keep``: an int is a count (layers kept; heads, neurons or channels kept per layer),
+    a float in (0, 1) the fraction kept."""
+
+    method: Literal["layers", "heads", "ffn-neurons", "channels"]
+    keep: int | float
+
+    @field_validator("keep")
+    @classmethod
+    def _count_or_ratio(cls, keep: int | float) -> int | float:
+        if isinstance(keep, int) and keep < 1 or isinstance(keep, float) and not 0 < keep < 1:
+            raise ValueError("must be a count (an integer >= 1) or a ratio (a number between 0 and 1)")
+        return keep
+
+
+class DistillSpec(Strict):
+    """Train the pruned student to match the teacher (the source model) on unlabelled data.
+
+    ``data``: a text file, one example per line, for text models; an ``.npz`` of inputs for others.
+    A path relative to the job file; the producer uploads it.
+    """
+
+    data: str = Field(min_length=1)
+    epochs: int = Field(default=2, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    lr: float = Field(default=5e-5, gt=0, le=1)
+    temperature: float = Field(default=2.0, gt=0, le=100, description="softens logits for classifiers")
+    sequence: int = Field(default=128, ge=8, le=65536, description="text models: tokens per training row")
+    seed: int = Field(default=0, ge=0)
+
+
+class CompressSpec(Strict):
+    prune: PruneSpec
+    distill: DistillSpec | None = None
+
+
 class DeploySpec(Strict):
     repository: str = Field(min_length=1)
     alias: str = "production"
@@ -169,11 +209,12 @@ class DeploySpec(Strict):
 
 class JobSpec(Strict):
     model: ModelSpec
+    compress: CompressSpec | None = None
     convert: ConvertSpec = ConvertSpec()
     optimize: OptimizeSpec | None = None
     deploy: DeploySpec | None = None
     device: Pool = "cpu"
-    pools: dict[Literal["convert", "optimize", "deploy"], Pool] = Field(
+    pools: dict[Literal["compress", "convert", "optimize", "deploy"], Pool] = Field(
         default_factory=dict, description="pin a stage to a pool, overriding the device rule"
     )
 
@@ -184,6 +225,10 @@ class JobSpec(Strict):
         if self.model.format not in registry.converters:
             known = ", ".join(sorted(registry.converters))
             raise ValueError(f"model.format {self.model.format!r} is not a known format (known: {known})")
+        if self.compress and PRUNE_METHODS[self.compress.prune.method] != self.model.format:
+            method = self.compress.prune.method
+            raise ValueError(f"compress.prune.method {method!r} applies to format {PRUNE_METHODS[method]!r} models, "
+                             f"not {self.model.format!r}")
         for variant in self.optimize.variants if self.optimize else []:
             for part in variant.parts:
                 if part not in registry.optimizers:

@@ -96,7 +96,7 @@ class Session:
 
 
 class OnnxSession(Session):
-    def __init__(self, path: Path, *, threads: int, providers: list[str] | None) -> None:
+    def __init__(self, path: Path, *, threads: int, providers: list | None) -> None:
         import onnxruntime as ort
 
         self.path = path
@@ -107,10 +107,11 @@ class OnnxSession(Session):
         options.log_severity_level = 3  # errors only: warnings go to stderr otherwise
         available = ort.get_available_providers()
         wanted = providers or ["CPUExecutionProvider"]
-        usable = [p for p in wanted if p in available]
+        names = [p[0] if isinstance(p, tuple) else p for p in wanted]  # a provider may come with its options
+        usable = [p for p, name in zip(wanted, names) if name in available]
         if not usable:
             raise UserInputError(
-                f"none of the execution providers {', '.join(wanted)} is available here "
+                f"none of the execution providers {', '.join(names)} is available here "
                 f"(available: {', '.join(available)})"
             )
         try:
@@ -164,8 +165,9 @@ class TfliteSession(Session):
             self._interpreter.allocate_tensors()
         except Exception as exc:  # noqa: BLE001
             raise UserInputError(f"cannot load model file {path.name}: {_one_line(exc)}") from None
-        self._in = self._interpreter.get_input_details()
-        self._out = self._interpreter.get_output_details()
+        names = _signature_names(self._interpreter)
+        self._in = [{**d, "name": names.get(d["index"], d["name"])} for d in self._interpreter.get_input_details()]
+        self._out = [{**d, "name": names.get(d["index"], d["name"])} for d in self._interpreter.get_output_details()]
         self.inputs = [_tflite_info(d) for d in self._in]
         self.outputs = [_tflite_info(d) for d in self._out]
         self._shapes: dict[str, tuple[int, ...]] = {d["name"]: tuple(d["shape"]) for d in self._in}
@@ -195,6 +197,24 @@ class TfliteSession(Session):
                 ) from None
 
 
+def _signature_names(interpreter) -> dict[int, str]:
+    """Tensor index -> its name in the model's signature, when it has one (``serving_default`` or its only one).
+
+    A converter names the tensors themselves ``serving_default_x:0`` / ``StatefulPartitionedCall:0``;
+    the signature keeps the source model's input and output names, which the reference outputs use.
+    """
+    signatures = interpreter.get_signature_list()
+    key = "serving_default" if "serving_default" in signatures else next(iter(signatures), None)
+    if key is None or (len(signatures) > 1 and key != "serving_default"):
+        return {}
+    runner = interpreter.get_signature_runner(key)
+    names = {}
+    for details in (runner.get_input_details(), runner.get_output_details()):
+        for name, detail in details.items():
+            names[int(detail["index"])] = name
+    return names
+
+
 def _tflite_info(detail: dict) -> TensorInfo:
     signature = detail.get("shape_signature")
     dims = signature if signature is not None and len(signature) else detail["shape"]
@@ -206,8 +226,11 @@ def _tflite_info(detail: dict) -> TensorInfo:
     return TensorInfo(name=detail["name"], dtype=np.dtype(detail["dtype"]).name, shape=shape)
 
 
-def load_session(model_path: Path, *, threads: int = 2, providers: list[str] | None = None) -> Session:
-    """Open a model file for inference. A file that will not load raises UserInputError."""
+def load_session(model_path: Path, *, threads: int = 2, providers: list | None = None) -> Session:
+    """Open a model file for inference. A file that will not load raises UserInputError.
+
+    ``providers``: ONNX Runtime provider names, or ``(name, options)`` pairs, best first.
+    """
     model_path = Path(model_path)
     if not model_path.is_file():
         raise UserInputError(f"model file {model_path.name} does not exist or is not a file")

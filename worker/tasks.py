@@ -12,7 +12,9 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded, TimeLimitExceeded
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from shared.errors import TransientError, UserInputError
 from shared.jobs import FAILED, RUNNING, SUCCEEDED, JobStore
@@ -29,7 +31,8 @@ _jobs: JobStore | None = None
 def job_store() -> JobStore:
     global _jobs
     if _jobs is None:  # one connection pool per worker process, made after the fork
-        _jobs = JobStore.from_url(app.conf.broker_url)
+        # Patient: a stage rides out a Redis restart of ~15 s instead of failing while it records its state.
+        _jobs = JobStore.from_url(app.conf.broker_url, retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), 10))
     return _jobs
 
 
@@ -55,6 +58,7 @@ class StageTask(Task):
         ctx = self.context(job_id)
         try:
             ctx.check_not_cancelled()
+            self.check_redeliveries(ctx, stage)
             ctx.jobs.set_state(job_id, RUNNING)
             ctx.jobs.update_stage(job_id, stage, state="running", worker=ctx.worker, queue=ctx.queue,
                                   started=time.time(), attempt=self.request.retries + 1)
@@ -71,13 +75,51 @@ class StageTask(Task):
                 f"stage {stage} exceeded its time limit of {settings.stage_soft_time_limit_s} s "
                 "(MODELYARD_STAGE_SOFT_TIME_LIMIT_S)"
             ) from None
+        except MemoryError as exc:  # re-raised as is, Celery takes the whole worker down
+            raise UserInputError(
+                f"stage {stage} ran out of memory ({exc or 'MemoryError'}); run it on a worker with more memory"
+            ) from None
+
+    def retry(self, *args: Any, **kwargs: Any):
+        """As Celery's, but a retry that cannot be published (broker down) returns the message to the
+        queue instead of dropping it, which would leave the job RUNNING forever."""
+        try:
+            return super().retry(*args, **kwargs)
+        except Reject as exc:
+            if exc.requeue:
+                raise
+            log.warning("could not publish the retry of %s (%s): requeueing the message", self.name, exc.reason)
+            raise Reject(exc.reason, requeue=True) from None
+
+    def check_redeliveries(self, ctx: StageContext, stage: str) -> None:
+        """Fail a stage whose worker process keeps dying under it, instead of redelivering it forever.
+
+        A message whose worker process died (SIGKILL, out of memory, segfault) returns to the queue
+        (``task_reject_on_worker_lost``) with the same task id and retry count, so the deliveries of
+        one attempt are counted in Redis; past ``max_retries`` redeliveries the stage fails.
+        """
+        key = f"modelyard:deliveries:{self.request.id}:{self.request.retries}"
+        pipe = ctx.jobs.redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, 7 * 24 * 3600)
+        deliveries, _ = pipe.execute()
+        died = int(deliveries) - 1
+        if died > settings.max_retries:
+            raise UserInputError(
+                f"stage {stage}: the worker process died {died} times running this stage (killed, out of memory "
+                f"or crashed); not redelivered again (MODELYARD_MAX_RETRIES={settings.max_retries})"
+            )
 
     def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
+        # Also called in the worker's main process when the hard time limit killed the child.
         job_id = kwargs.get("job_id")
         if not job_id:
             return
         stage = self.stage + (f":{kwargs['variant']}" if kwargs.get("variant") else "")
         message = str(exc) if isinstance(exc, UserInputError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, TimeLimitExceeded):
+            message = (f"stage {stage} exceeded its hard time limit of {settings.stage_time_limit_s} s "
+                       "(MODELYARD_STAGE_TIME_LIMIT_S); its worker process was killed and replaced")
         jobs = job_store()
         jobs.update_stage(job_id, stage, state="failed", message=message, finished=time.time())
         if jobs.set_state(job_id, FAILED, f"{stage}: {message}"):
@@ -104,12 +146,24 @@ def _stage_record(manifest, cached: bool) -> dict:
     }
 
 
+@app.task(bind=True, base=StageTask, name="modelyard.compress", stage="compress")
+def compress(self: StageTask, *, job_id: str, model: str) -> dict:
+    from worker.stages.compress import run_compress
+
+    def work(ctx: StageContext) -> dict:
+        manifest, cached = run_compress(ctx)
+        ctx.jobs.update_stage(job_id, "compress", **_stage_record(manifest, cached))
+        return {"compress_key": manifest.step_key}
+
+    return self.run_stage("compress", job_id, work)
+
+
 @app.task(bind=True, base=StageTask, name="modelyard.convert", stage="convert")
-def convert(self: StageTask, *, job_id: str, model: str, final: bool = False) -> dict:
+def convert(self: StageTask, compressed: dict | None = None, *, job_id: str, model: str, final: bool = False) -> dict:
     from worker.stages.convert import run_convert
 
     def work(ctx: StageContext) -> dict:
-        manifest, cached = run_convert(ctx)
+        manifest, cached = run_convert(ctx, (compressed or {}).get("compress_key"))
         ctx.jobs.update_stage(job_id, "convert", **_stage_record(manifest, cached))
         result = {"model_key": manifest.step_key, "convert_key": manifest.step_key, "variant": None}
         _finish(ctx, final, result)

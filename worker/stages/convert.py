@@ -3,14 +3,22 @@
 The reference outputs come from the *source* framework; every later stage is compared with
 them. The conversion itself is checked here: the converted model runs on the samples and must
 match the reference within the job's tolerance, or the job fails naming the output and values.
+
+After a compress stage the model converted is the *student* (the compress output) and the
+reference is still the *teacher's* (the source model's) outputs: the converter runs on the
+teacher for the samples and the reference, then on the student with those samples. The
+conversion check compares the converted student with the student in its own framework; the
+student's distance from the teacher is recorded as ``teacher_fidelity``, and the optimize gate
+measures every variant against the teacher's reference.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from shared.errors import UserInputError
-from shared.manifest import Manifest
+from shared.manifest import Manifest, load_manifest
 from shared.storage import FileRef, digest_of_files
 from worker.context import StageContext
 from worker.plugins import registry
@@ -32,7 +40,9 @@ def convert_params(ctx: StageContext) -> dict:
     }
 
 
-def run_convert(ctx: StageContext) -> tuple[Manifest, bool]:
+def run_convert(ctx: StageContext, compress_key: str | None = None) -> tuple[Manifest, bool]:
+    if compress_key:
+        return _run_convert_student(ctx, compress_key)
     spec = ctx.spec
     converter_cls = registry.converters[spec.model.format]
     if spec.convert.to not in converter_cls.targets:
@@ -77,6 +87,87 @@ def run_convert(ctx: StageContext) -> tuple[Manifest, bool]:
         stage="convert",
         input_digest=digest_of_files(source_files),
         params=convert_params(ctx),
+        tools=tool_versions(converter_cls.tools),
+        compute=compute,
+    )
+
+
+def _converter(ctx: StageContext):
+    spec = ctx.spec
+    converter_cls = registry.converters[spec.model.format]
+    if spec.convert.to not in converter_cls.targets:
+        raise UserInputError(
+            f"convert.to: format {spec.model.format!r} converts to {', '.join(converter_cls.targets)}, "
+            f"not {spec.convert.to!r}"
+        )
+    return converter_cls
+
+
+def _run_convert_student(ctx: StageContext, compress_key: str) -> tuple[Manifest, bool]:
+    from contextlib import nullcontext
+
+    from worker.fidelity import compare
+
+    spec = ctx.spec
+    converter_cls = _converter(ctx)
+    student = load_manifest(ctx.store, compress_key)
+    if student is None:
+        raise UserInputError(f"compress step {compress_key[:12]} has no manifest in {ctx.store.uri}")
+    teacher_files = ctx.source_files
+
+    def compute(tmp: Path) -> StepOutput:
+        teacher_source = _download_source(ctx, teacher_files, tmp / "teacher")
+        student_source = ctx.store.get_files(student.files, tmp / "student")
+        user_samples = None
+        if ctx.record.get("samples"):
+            ref = FileRef.from_dict(ctx.record["samples"])
+            user_samples = load_arrays(ctx.store.get_file(ref, tmp / "user-samples.npz"), what="model.samples")
+        (tmp / "teacher-out").mkdir()
+        teacher = converter_cls().convert(ConvertRequest(
+            source=teacher_source, model=spec.model, convert=spec.convert, workdir=tmp / "teacher-out",
+            settings=ctx.settings, samples=user_samples,
+        ))
+        model, settings, binding = spec.model, ctx.settings, nullcontext()
+        if student.info.get("factory"):  # a pruned CNN: rebuilt by modelyard's factory from architecture.json
+            from worker.compress import cnn
+
+            architecture = json.loads((student_source / cnn.ARCHITECTURE).read_text())
+            model = spec.model.model_copy(update={"factory": cnn.FACTORY})
+            settings = ctx.settings.model_copy(update={
+                "allowed_factories": [*ctx.settings.allowed_factories, cnn.FACTORY]})
+            binding = cnn.bound(architecture)
+        out = tmp / "out"
+        out.mkdir()
+        with binding:
+            result = converter_cls().convert(ConvertRequest(
+                source=student_source, model=model, convert=spec.convert, workdir=out, settings=settings,
+                samples=teacher.samples,
+            ))
+        save_arrays(out / SAMPLES, teacher.samples)
+        save_arrays(out / REFERENCE, teacher.reference)
+        fidelity = check_conversion(out / result.model_file, teacher.samples, result.reference, ctx)
+        return StepOutput(
+            folder=out,
+            metrics={"fidelity": fidelity, "teacher_fidelity": compare(teacher.reference, result.reference)},
+            info={
+                "model_file": result.model_file,
+                "format": spec.convert.to,
+                "task": spec.model.task,
+                "inputs": [t.to_dict() for t in result.inputs],
+                "outputs": [t.to_dict() for t in result.outputs],
+                "source_digest": ctx.record["source"]["digest"],
+                **result.extra,
+                "samples": teacher.extra.get("samples", result.extra.get("samples")),
+                "reference": "teacher",
+                "compress_key": compress_key,
+            },
+        )
+
+    return run_step(
+        ctx,
+        stage="convert",
+        input_digest=digest_of_files(student.files),
+        params={**convert_params(ctx), "teacher_digest": digest_of_files(teacher_files)},
         tools=tool_versions(converter_cls.tools),
         compute=compute,
     )

@@ -21,6 +21,7 @@ from worker.context import StageContext
 from worker.stages.arrays import load_arrays
 from worker.stages.convert import REFERENCE, SAMPLES
 from worker.stages.optimize import gate_verdict
+from worker.tf_export import SAVED_MODEL
 
 
 def run_deploy(ctx: StageContext, model_key: str, convert_key: str, lineage: dict) -> dict:
@@ -30,7 +31,9 @@ def run_deploy(ctx: StageContext, model_key: str, convert_key: str, lineage: dic
     convert = load_manifest(ctx.store, convert_key)
     if model_step is None or convert is None:
         raise UserInputError("deploy: the model to deploy has no manifest in the artifact store")
-    model_files = [f for f in model_step.files if f.path not in (SAMPLES, REFERENCE)]
+    # saved_model/: the TensorFlow source a .tflite's optimizers re-convert from, not part of the served model.
+    model_files = [f for f in model_step.files
+                   if f.path not in (SAMPLES, REFERENCE) and not f.path.startswith(SAVED_MODEL + "/")]
     artifact_digest = digest_of_files(model_files)
     repository = ModelRepository.open(deploy.repository)
     name = spec.model.name

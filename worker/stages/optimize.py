@@ -17,6 +17,7 @@ from shared.jobspec import BASELINE, Gate
 from shared.manifest import Manifest, load_manifest
 from shared.storage import digest_of_files
 from worker.context import StageContext
+from worker.gpu import ENGINE_CACHE, Execution
 from worker.plugins import registry
 from worker.plugins.base import OptimizeRequest, TensorInfo
 from worker.stages.arrays import load_arrays
@@ -30,6 +31,7 @@ def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Mani
     spec = ctx.spec.optimize.variant(variant)
     parts = [] if variant == BASELINE else spec.parts
     optimizers = [registry.optimizer(name) for name in parts]
+    execution = Execution.plan(ctx.queue, optimizers, ctx.worker)  # refuses TensorRT variants without TensorRT
     tools: tuple[str, ...] = ("onnx", "onnxruntime")
     for optimizer in optimizers:
         tools += optimizer.tools
@@ -61,9 +63,13 @@ def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Mani
         out.mkdir()
         for path in _model_files(model):
             shutil.copy2(path, out / path.name)
+        if (model.parent / ENGINE_CACHE).is_dir():  # TensorRT engines: an artifact beside the model
+            shutil.copytree(model.parent / ENGINE_CACHE, out / ENGINE_CACHE)
         final = out / model.name
-        metrics = measure(ctx, final, samples, reference)
-        metrics["size_bytes"] = sum(p.stat().st_size for p in out.iterdir())
+        metrics = measure(ctx, final, samples, reference, execution=execution)
+        if execution.torch_fallback:
+            metrics.update(_torch_fallback(ctx, tmp, samples, reference, convert.info.get("task")))
+        metrics["size_bytes"] = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
         return StepOutput(folder=out, metrics=metrics, info={**convert.info, "model_file": final.name})
 
     return run_step(
@@ -71,7 +77,7 @@ def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Mani
         stage=f"optimize:{variant}",
         input_digest=digest_of_files(convert.files),
         params={"of": spec.of, "params": spec.params, "pool": ctx.queue, "threads": ctx.settings.bench_threads,
-                "runs": ctx.settings.bench_runs},
+                "runs": ctx.settings.bench_runs, **execution.key_params()},
         tools=tool_versions(tools),
         compute=compute,
     )
@@ -103,17 +109,37 @@ def _initializers(graph: Any):
                 yield from _initializers(attr.g)
 
 
-def measure(ctx: StageContext, model: Path, samples: dict, reference: dict) -> dict:
+def measure(ctx: StageContext, model: Path, samples: dict, reference: dict,
+            execution: Execution | None = None) -> dict:
     from worker.fidelity import compare
+    from worker.gpu import CUDA_PROVIDERS, gpu_name
     from worker.latency import measure as measure_latency
     from worker.runtime import load_session
 
-    session = load_session(model, threads=ctx.settings.bench_threads)
+    providers = execution.providers(model.parent / ENGINE_CACHE) if execution else None
+    session = load_session(model, threads=ctx.settings.bench_threads, providers=providers)
     fidelity = compare(reference, session.run(samples))
     lock = ctx.jobs.redis.lock(f"modelyard:bench:{socket.gethostname()}", timeout=600, sleep=0.2)
     with lock:  # one benchmark at a time per host: latency is meaningless when cores are shared
         latency = measure_latency(session, samples, runs=ctx.settings.bench_runs, warmup=ctx.settings.bench_warmup)
-    return {"fidelity": fidelity, "latency": latency, "provider": session.provider}
+    metrics = {"fidelity": fidelity, "latency": latency, "provider": session.provider}
+    if session.provider in CUDA_PROVIDERS:
+        metrics["gpu"] = gpu_name()
+    return metrics
+
+
+def _torch_fallback(ctx: StageContext, tmp: Path, samples: dict, reference: dict, task: str | None) -> dict:
+    """The source model timed in PyTorch on CUDA, where ONNX Runtime has no CUDA (see worker.gpu)."""
+    from worker.gpu import torch_cuda_available, torch_cuda_figures
+
+    if ctx.spec.model.format != "hf-transformers" or not torch_cuda_available():
+        return {}
+    try:
+        source = ctx.store.get_files(ctx.source_files, tmp / "torch-source")
+        return {"torch_cuda": torch_cuda_figures(source, task, samples, reference, runs=ctx.settings.bench_runs,
+                                                 warmup=ctx.settings.bench_warmup)}
+    except Exception as exc:  # noqa: BLE001 - an extra figure: its failure must not sink the variant
+        return {"torch_cuda": {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}}
 
 
 def gate_verdict(gate: Gate, metrics: dict) -> tuple[bool, str]:
@@ -144,6 +170,7 @@ def variant_summary(variant: str, manifest: Manifest, cached: bool, ctx: StageCo
         "max_abs": manifest.metrics["fidelity"]["max_abs"],
         "top1_agreement": manifest.metrics["fidelity"].get("top1_agreement"),
         "provider": manifest.metrics.get("provider"),
+        "gpu": manifest.metrics.get("gpu"),
         "passed": passed,
         "reason": reason,
         "cached": cached,
