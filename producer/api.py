@@ -133,12 +133,28 @@ def submit(job_file: str | Path, *, settings: Settings | None = None) -> str:
         "queues": _plan(spec),
     })
     try:
-        result_id = build_chain(spec, job_id).apply_async().id
+        result = build_chain(spec, job_id).apply_async()
     except Exception as exc:  # nothing half-recorded: a job that was not enqueued does not exist
         jobs.delete(job_id)
         raise BrokerUnavailable(f"could not enqueue job: {exc}") from None
+    result_id = result.id
+    _forget_locally(result)
     jobs.set_fields(job_id, result_id=result_id)
     return job_id
+
+
+def _forget_locally(result) -> None:
+    """Drop the chain's results from this process's pending set: the producer follows the job
+    record, not Celery results, and pending results keep Redis subscriptions open until exit."""
+    todo = [result]
+    while todo:
+        node = todo.pop()
+        if node is None:
+            continue
+        todo.extend(getattr(node, "results", None) or [])  # a group's members
+        todo.append(node.parent)
+        if not hasattr(node, "results"):
+            node.backend.remove_pending_result(node)
 
 
 def _plan(spec: JobSpec) -> dict[str, str]:

@@ -268,12 +268,12 @@ def optimum_cli() -> Path:
         [str(pip), "install", "--quiet", "--dry-run", *OPTIMUM_REQUIREMENTS],  # resolves? (nothing installed)
         [str(pip), "install", "--quiet", *OPTIMUM_REQUIREMENTS],
     ]
-    print(f"setting up Optimum in {OPTIMUM_VENV.relative_to(ROOT)} "
+    print(f"setting up Optimum in {OPTIMUM_VENV} "
           f"(pip install {' '.join(OPTIMUM_REQUIREMENTS)})", flush=True)
     base = getattr(sys, "_base_executable", sys.executable)
     steps[0][0] = base if Path(base).exists() else sys.executable
     for step in steps:
-        done = subprocess.run(step, capture_output=True, text=True)
+        done = subprocess.run(step, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
             raise OptimumUnavailable(f"'{shlex.join(step[-3:])}' failed: {tail}")
@@ -284,17 +284,16 @@ def optimum_cli() -> Path:
 
 def optimum_version() -> str:
     python = OPTIMUM_VENV / "bin" / "python"
-    done = subprocess.run([str(python), "-c", "from importlib.metadata import version as v; "
-                           "print('optimum', v('optimum'), 'optimum-onnx', v('optimum-onnx'), "
-                           "'onnxruntime', v('onnxruntime'), 'transformers', v('transformers'))"],
-                          capture_output=True, text=True)
+    code = ("from importlib.metadata import version as v; print('optimum', v('optimum'), 'optimum-onnx', "
+            "v('optimum-onnx'), 'onnxruntime', v('onnxruntime'), 'transformers', v('transformers'))")
+    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=False)
     return done.stdout.strip() or "unknown"
 
 
 def run_checked(args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> float:
     """Run a command; its wall time in seconds, or RuntimeError with its output's tail."""
     started = time.perf_counter()
-    done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd)
+    done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, check=False)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])

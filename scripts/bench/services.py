@@ -20,6 +20,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from common import ROOT
 
@@ -150,7 +151,7 @@ class Stack:
         if not getattr(self, "keep", False):
             shutil.rmtree(self.folder, ignore_errors=True)
 
-    def __enter__(self) -> Stack:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -117,7 +117,8 @@ def test_a_stage_redelivered_while_it_runs_waits_on_its_lease_and_computes_once(
     report("3 redelivered while running", submitted=1, completed=int(result["state"] == "SUCCEEDED"),
            failed=int(result["state"] == "FAILED"), duplicated=starts - 1, messages_restored=restored,
            convert_deliveries=max(deliveries.values(), default=0), stage_starts=starts,
-           manifests=len(stack.manifests()), deployed_versions=len(versions))
+           manifests=len(stack.manifests()), deploy_tasks_run=stack.log_text().count("modelyard.deploy[") // 2,
+           deployed_versions=len(versions))
     assert restored == 1 and task_id
     assert result["state"] == "SUCCEEDED", result.get("error")
     assert max(deliveries.values()) == 2  # the convert message really was delivered twice

@@ -8,6 +8,7 @@ that version, so a redelivered or resubmitted deploy is harmless.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from worker.context import StageContext
 from worker.stages.arrays import load_arrays
 from worker.stages.convert import REFERENCE, SAMPLES
 from worker.stages.optimize import gate_verdict
+from worker.steps import step_lease
 from worker.tf_export import SAVED_MODEL
 
 
@@ -38,34 +40,38 @@ def run_deploy(ctx: StageContext, model_key: str, convert_key: str, lineage: dic
     repository = ModelRepository.open(deploy.repository)
     name = spec.model.name
 
-    version = repository.find_version(name, artifact_digest)
-    smoke = None
-    if version is None:
-        with tempfile.TemporaryDirectory(prefix="modelyard-deploy-") as tmp:
-            folder = ctx.store.get_files(model_files, Path(tmp) / "model")
-            ctx.store.get_files([convert.file(SAMPLES), convert.file(REFERENCE)], Path(tmp) / "check")
-            model_file = folder / model_step.info["model_file"]
-            smoke = smoke_gate(ctx, model_file, Path(tmp) / "check")
-            ctx.check_not_cancelled()  # a cancelled job never claims a version
-            version = repository.claim_version(name, {"job_id": ctx.job_id, "artifact_digest": artifact_digest})
-            target_name = "model" + model_file.suffix
-            files = {
-                (target_name if ref.path == model_file.name else ref.path): folder / ref.path for ref in model_files
-            }
-            manifest = {
-                "model": name,
-                "version": version,
-                "job_id": ctx.job_id,
-                "created": time.time(),
-                "artifact_digest": artifact_digest,
-                "model_file": target_name,
-                "format": model_step.info["format"],
-                "inputs": model_step.info["inputs"],
-                "outputs": model_step.info["outputs"],
-                "lineage": {**lineage, "smoke": smoke},
-            }
-            config = config_pbtxt(name, model_step.info["format"], model_step.info["inputs"], model_step.info["outputs"])
-            repository.publish(name, version, files, manifest, config)
+    # One deploy of an artifact at a time: a redelivered or resubmitted twin of this deploy waits here,
+    # then finds the version published and reuses it instead of claiming a second one.
+    lease_key = hashlib.sha256(f"{repository.uri}\0{name}\0{artifact_digest}".encode()).hexdigest()
+    with step_lease(ctx, f"deploy-{lease_key}"):
+        version = repository.find_version(name, artifact_digest)
+        smoke = None
+        if version is None:
+            with tempfile.TemporaryDirectory(prefix="modelyard-deploy-") as tmp:
+                folder = ctx.store.get_files(model_files, Path(tmp) / "model")
+                ctx.store.get_files([convert.file(SAMPLES), convert.file(REFERENCE)], Path(tmp) / "check")
+                model_file = folder / model_step.info["model_file"]
+                smoke = smoke_gate(ctx, model_file, Path(tmp) / "check")
+                ctx.check_not_cancelled()  # a cancelled job never claims a version
+                version = repository.claim_version(name, {"job_id": ctx.job_id, "artifact_digest": artifact_digest})
+                target_name = "model" + model_file.suffix
+                files = {
+                    (target_name if ref.path == model_file.name else ref.path): folder / ref.path for ref in model_files
+                }
+                manifest = {
+                    "model": name,
+                    "version": version,
+                    "job_id": ctx.job_id,
+                    "created": time.time(),
+                    "artifact_digest": artifact_digest,
+                    "model_file": target_name,
+                    "format": model_step.info["format"],
+                    "inputs": model_step.info["inputs"],
+                    "outputs": model_step.info["outputs"],
+                    "lineage": {**lineage, "smoke": smoke},
+                }
+                config = config_pbtxt(name, model_step.info["format"], model_step.info["inputs"], model_step.info["outputs"])
+                repository.publish(name, version, files, manifest, config)
     previous = repository.set_alias(name, deploy.alias, version, reason=f"deploy job {ctx.job_id}")
     return {
         "repository": repository.uri,

@@ -1,0 +1,1 @@
+"""Model architectures the tests build themselves (no hub downloads, no torchvision needed)."""
