@@ -22,7 +22,7 @@ from shared.errors import UserInputError
 from shared.jobs import CANCELLED, TERMINAL, JobStore, new_job_id
 from shared.jobspec import BASELINE, JobSpec, load_job
 from shared.settings import Settings, get_settings
-from shared.storage import FileRef, digest_of_files, open_store
+from shared.storage import digest_of_files, open_store
 
 
 

@@ -2,14 +2,15 @@
 
 Each job converts its own small ONNX model (one 512×512 weight applied in 32 MatMul+Tanh layers,
 random weights, so no two jobs share a step key and the cache never helps) on 8×256×512 samples:
-ONNX Runtime runs the model twice per job (reference outputs, then the conversion check), about
-1.5 s of single-threaded compute on a 2-core machine, against a few milliseconds of queue traffic.
+ONNX Runtime runs the model twice per job (reference outputs, then the conversion check): about
+1 s per job on one core of the 2-core development machine, against a few milliseconds of queue traffic.
 Workers run one process each (concurrency 1) with one inference thread (``MODELYARD_BENCH_THREADS``),
 so each worker keeps one core busy.
 
 The test has its own Redis and artifact store: the session's test cluster, if running, never sees
 these jobs. It prints jobs/minute with one and with two workers and the ratio, and asserts the
-ratio the operations issue asks for (> 1.4x; about 1.8x is expected on 2 idle cores).
+ratio the operations issue asks for (> 1.4x; 1.88x measured on 2 idle cores). Other busy processes
+on the machine lower the ratio: run it on idle cores.
 """
 
 from __future__ import annotations

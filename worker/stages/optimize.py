@@ -24,6 +24,7 @@ from worker.stages.arrays import load_arrays
 from worker.stages.convert import REFERENCE, SAMPLES
 from worker.steps import StepOutput, run_step, tool_versions
 
+
 def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Manifest, bool]:
     convert = load_manifest(ctx.store, convert_key)
     if convert is None:
