@@ -31,7 +31,7 @@ SAMPLES, REFERENCE = "samples.npz", "reference.npz"
 
 def convert_params(ctx: StageContext) -> dict:
     spec = ctx.spec
-    model = spec.model.model_dump(exclude={"name", "source", "samples"}, mode="json")
+    model = spec.model.model_dump(exclude={"name", "source", "samples", "eval_data"}, mode="json")
     samples = ctx.record.get("samples")
     return {
         "model": model,
@@ -44,20 +44,12 @@ def run_convert(ctx: StageContext, compress_key: str | None = None) -> tuple[Man
     if compress_key:
         return _run_convert_student(ctx, compress_key)
     spec = ctx.spec
-    converter_cls = registry.converters[spec.model.format]
-    if spec.convert.to not in converter_cls.targets:
-        raise UserInputError(
-            f"convert.to: format {spec.model.format!r} converts to {', '.join(converter_cls.targets)}, "
-            f"not {spec.convert.to!r}"
-        )
+    converter_cls = _converter(ctx)
     source_files = ctx.source_files
 
     def compute(tmp: Path) -> StepOutput:
         source = _download_source(ctx, source_files, tmp / "source")
-        samples = None
-        if ctx.record.get("samples"):
-            ref = FileRef.from_dict(ctx.record["samples"])
-            samples = load_arrays(ctx.store.get_file(ref, tmp / "user-samples.npz"), what="model.samples")
+        samples = _user_samples(ctx, tmp)
         out = tmp / "out"
         out.mkdir()
         request = ConvertRequest(
@@ -68,19 +60,7 @@ def run_convert(ctx: StageContext, compress_key: str | None = None) -> tuple[Man
         save_arrays(out / SAMPLES, result.samples)
         save_arrays(out / REFERENCE, result.reference)
         fidelity = check_conversion(out / result.model_file, result.samples, result.reference, ctx)
-        return StepOutput(
-            folder=out,
-            metrics={"fidelity": fidelity},
-            info={
-                "model_file": result.model_file,
-                "format": spec.convert.to,
-                "task": spec.model.task,
-                "inputs": [t.to_dict() for t in result.inputs],
-                "outputs": [t.to_dict() for t in result.outputs],
-                "source_digest": ctx.record["source"]["digest"],
-                **result.extra,
-            },
-        )
+        return StepOutput(folder=out, metrics={"fidelity": fidelity}, info=_model_info(ctx, result))
 
     return run_step(
         ctx,
@@ -118,10 +98,7 @@ def _run_convert_student(ctx: StageContext, compress_key: str) -> tuple[Manifest
     def compute(tmp: Path) -> StepOutput:
         teacher_source = _download_source(ctx, teacher_files, tmp / "teacher")
         student_source = ctx.store.get_files(student.files, tmp / "student")
-        user_samples = None
-        if ctx.record.get("samples"):
-            ref = FileRef.from_dict(ctx.record["samples"])
-            user_samples = load_arrays(ctx.store.get_file(ref, tmp / "user-samples.npz"), what="model.samples")
+        user_samples = _user_samples(ctx, tmp)
         (tmp / "teacher-out").mkdir()
         teacher = converter_cls().convert(ConvertRequest(
             source=teacher_source, model=spec.model, convert=spec.convert, workdir=tmp / "teacher-out",
@@ -150,13 +127,7 @@ def _run_convert_student(ctx: StageContext, compress_key: str) -> tuple[Manifest
             folder=out,
             metrics={"fidelity": fidelity, "teacher_fidelity": compare(teacher.reference, result.reference)},
             info={
-                "model_file": result.model_file,
-                "format": spec.convert.to,
-                "task": spec.model.task,
-                "inputs": [t.to_dict() for t in result.inputs],
-                "outputs": [t.to_dict() for t in result.outputs],
-                "source_digest": ctx.record["source"]["digest"],
-                **result.extra,
+                **_model_info(ctx, result),
                 "samples": teacher.extra.get("samples", result.extra.get("samples")),
                 "reference": "teacher",
                 "compress_key": compress_key,
@@ -171,6 +142,27 @@ def _run_convert_student(ctx: StageContext, compress_key: str) -> tuple[Manifest
         tools=tool_versions(converter_cls.tools),
         compute=compute,
     )
+
+
+def _user_samples(ctx: StageContext, tmp: Path) -> dict | None:
+    """The sample inputs the job file named (model.samples), if any."""
+    if not ctx.record.get("samples"):
+        return None
+    ref = FileRef.from_dict(ctx.record["samples"])
+    return load_arrays(ctx.store.get_file(ref, tmp / "user-samples.npz"), what="model.samples")
+
+
+def _model_info(ctx: StageContext, result) -> dict:
+    """What later stages need to know about the converted model."""
+    return {
+        "model_file": result.model_file,
+        "format": ctx.spec.convert.to,
+        "task": ctx.spec.model.task,
+        "inputs": [t.to_dict() for t in result.inputs],
+        "outputs": [t.to_dict() for t in result.outputs],
+        "source_digest": ctx.record["source"]["digest"],
+        **result.extra,
+    }
 
 
 def _download_source(ctx: StageContext, files: list[FileRef], dest: Path) -> Path:
