@@ -101,12 +101,35 @@ def _resolve_uri(uri: str, base: Path) -> str:
     return (base / path).expanduser().resolve().as_uri()
 
 
+def _check_eval_data(path: Path) -> Path:
+    """Refuse, before anything is uploaded, an eval file that is not an .npz with a 'labels' array."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = list(data.files)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserInputError(f"model.eval_data: {path.name} is not a readable .npz ({exc})") from None
+    if "labels" not in names:
+        raise UserInputError(
+            f"model.eval_data: {path.name} has no 'labels' array (it has: {', '.join(names) or 'nothing'})"
+        )
+    if len(names) < 2:
+        raise UserInputError(f"model.eval_data: {path.name} has labels but no model inputs")
+    return path
+
+
 def submit(job_file: str | Path, *, settings: Settings | None = None) -> str:
     """Validate, upload and enqueue a job; returns its id. UserInputError for a bad job file."""
     settings = settings or get_settings()
     spec, base = load_job(job_file)
     source = _resolve_local(spec.model.source, base, "model.source")
     samples_path = _resolve_local(spec.model.samples, base, "model.samples") if spec.model.samples else None
+    eval_path = None
+    if spec.model.eval_data:
+        eval_path = _check_eval_data(_resolve_local(spec.model.eval_data, base, "model.eval_data"))
     distill = spec.compress.distill if spec.compress else None
     distill_path = _resolve_local(distill.data, base, "compress.distill.data") if distill else None
     if spec.deploy:
@@ -119,6 +142,7 @@ def submit(job_file: str | Path, *, settings: Settings | None = None) -> str:
     if not files:
         raise UserInputError(f"model.source: {source} is an empty folder")
     samples = store.put_file(samples_path).to_dict() if samples_path else None
+    eval_data = store.put_file(eval_path).to_dict() if eval_path else None
     distill_data = store.put_file(distill_path).to_dict() if distill_path else None
 
     job_id = new_job_id()
@@ -129,6 +153,7 @@ def submit(job_file: str | Path, *, settings: Settings | None = None) -> str:
         "source": {"files": [f.to_dict() for f in files], "digest": digest_of_files(files),
                    "is_folder": source.is_dir(), "path": str(source)},
         "samples": samples,
+        "eval_data": eval_data,
         "distill_data": distill_data,
         "queues": _plan(spec),
     })

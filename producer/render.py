@@ -63,15 +63,28 @@ def variants_table(job: dict) -> Table | None:
     if not rows:
         return None
     table = Table(title="variants", title_justify="left")
-    for column in ("variant", "size", "size ratio", "p50 ms", "p95 ms", "speedup", "cosine min", "worker", "verdict"):
+    accuracy = any(row.get("accuracy") is not None for row in rows)  # only jobs with model.eval_data have it
+    columns = ["variant", "size", "size ratio", "p50 ms", "p95 ms", "speedup", "cosine min"]
+    for column in columns + (["accuracy"] if accuracy else []) + ["worker", "verdict"]:
         table.add_column(column)
     for row in rows:
-        table.add_row(
+        cells = [
             row["variant"], human_bytes(row.get("size_bytes")), _fmt(row.get("size_ratio"), ".2f"),
             _fmt(row.get("p50_ms"), ".1f"), _fmt(row.get("p95_ms"), ".1f"), _fmt(row.get("speedup"), ".2f"),
-            _fmt(row.get("cosine_min"), ".4f"), row.get("worker", "-"), row.get("verdict", "-"),
-        )
+            _fmt(row.get("cosine_min"), ".4f"),
+        ]
+        if accuracy:
+            cells.append(accuracy_cell(row))
+        table.add_row(*cells, row.get("worker", "-"), row.get("verdict", "-"))
     return table
+
+
+def accuracy_cell(row: dict) -> str:
+    """Top-1 accuracy on the eval data, with its change against fp32: ``0.9219 (-0.0050)``."""
+    if row.get("accuracy") is None:
+        return "-"
+    drop = row.get("accuracy_drop")
+    return f"{row['accuracy']:.4f}" + (f" ({0.0 - drop:+.4f})" if drop is not None else "")  # never "-0.0000"
 
 
 def summary_lines(job: dict) -> list[str]:

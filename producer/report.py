@@ -11,7 +11,7 @@ import html
 import json
 import math
 
-from producer.render import human_bytes
+from producer.render import accuracy_cell, human_bytes
 
 COLOURS = {"selected": "#1a9850", "candidate": "#91cf60", "baseline": "#4575b4"}
 REJECTED = "#d73027"
@@ -73,13 +73,13 @@ def html_report(job: dict) -> str:
     rows = variant_rows(job)
     gate = (job.get("spec", {}).get("optimize") or {}).get("gate", {}).get("cosine_min")
     header = ["variant", "size", "size ratio", "p50 ms", "p95 ms", "speedup", "cosine min", "cosine mean",
-              "max abs", "worker", "verdict"]
+              "max abs", "accuracy", "worker", "verdict"]
     body = []
     for r in rows:
         cells = [r["variant"], human_bytes(r.get("size_bytes")), _num(r.get("size_ratio"), ".2f"),
                  _num(r.get("p50_ms"), ".1f"), _num(r.get("p95_ms"), ".1f"), _num(r.get("speedup"), ".2f"),
                  _num(r.get("cosine_min"), ".4f"), _num(r.get("cosine_mean"), ".4f"), _num(r.get("max_abs"), ".3g"),
-                 r.get("worker", "-"), r.get("verdict", "-")]
+                 accuracy_cell(r), r.get("worker", "-"), r.get("verdict", "-")]
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     title = html.escape(f"modelyard job {job['id']} · {job.get('model', '')} · {job['state']}")
     return (

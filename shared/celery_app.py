@@ -46,7 +46,9 @@ def delivery_config(settings: Settings, broker_url: str) -> dict:
         "task_default_queue": "cpu",
         "task_queues": [Queue(name) for name in QUEUES],
         "task_create_missing_queues": False,
-        "task_track_started": True,
+        # No STARTED write to the result backend (a GET and a SET + PUBLISH per task): nothing reads a
+        # task's Celery state (the job record says what runs), and Flower sees task-started events.
+        "task_track_started": False,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
         "result_extended": True,

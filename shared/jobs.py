@@ -3,14 +3,21 @@
 One hash per job (``modelyard:job:<id>``). Each stage, and each optimize variant, writes its
 own field, so concurrent stages never overwrite each other. A terminal state (SUCCEEDED,
 FAILED, CANCELLED) is final: later writes of the job state are ignored.
+
+A stage costs few Redis round trips: ``begin_stage`` is one script (cancellation check, delivery
+count, job state, the stage's first record), and ``update_stage`` merges into the record this
+process last wrote and stores it with a compare-and-set, so it reads the record only when
+someone else changed it.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
-from typing import Any
+from collections import OrderedDict
+from typing import Any, NamedTuple
 
 import redis
 
@@ -33,6 +40,46 @@ return 1
 """
 
 
+# Store a stage record if the field still holds what the writer last saw. KEYS[1] job hash;
+# ARGV field, the record as last seen ('' = none), the new record, time. {1} or {0, current}.
+_UPDATE_STAGE = """
+local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if current ~= ARGV[2] then return {0, current} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], 'updated', ARGV[4])
+return {1}
+"""
+
+# A stage task starts: refuse a missing or cancelled job, count this delivery, refuse a stage
+# delivered too often, set the job RUNNING (unless final), write the stage's record if it has
+# none. KEYS[1] job hash, KEYS[2] delivery counter; ARGV field, record, time, max deliveries,
+# counter TTL. Returns {'cancelled'}, {'died', n}, {'started', n} or {'merge', n, current record}
+# (then the caller merges into the existing record), n = earlier deliveries of this attempt.
+_BEGIN_STAGE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'CANCELLED' then return {'cancelled'} end
+local died = redis.call('INCR', KEYS[2]) - 1
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+if died > tonumber(ARGV[4]) then return {'died', died} end
+if state ~= 'SUCCEEDED' and state ~= 'FAILED' then
+  redis.call('HSET', KEYS[1], 'state', 'RUNNING', 'updated', ARGV[3])
+end
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current then return {'merge', died, current} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], 'updated', ARGV[3])
+return {'started', died}
+"""
+
+DELIVERIES_TTL_S = 7 * 24 * 3600
+_SEEN_LIMIT = 256  # stage records remembered per process (the stages it runs now)
+
+
+class StageStart(NamedTuple):
+    """What ``begin_stage`` found: the job cancelled (or gone), and earlier deliveries of this attempt."""
+
+    cancelled: bool
+    died: int
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex[:16]
 
@@ -41,6 +88,10 @@ class JobStore:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._set_state = client.register_script(_SET_STATE)
+        self._update_stage = client.register_script(_UPDATE_STAGE)
+        self._begin_stage = client.register_script(_BEGIN_STAGE)
+        self._seen: OrderedDict[tuple[str, str], str] = OrderedDict()  # (job, field) -> record written
+        self._seen_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> JobStore:
@@ -99,12 +150,53 @@ class JobStore:
         return bool(self._set_state(keys=[PREFIX + job_id], args=[state, repr(time.time()), error]))
 
     def update_stage(self, job_id: str, stage: str, **fields: Any) -> None:
-        """Merge fields into one stage's record (each stage/variant owns its own field)."""
-        key = PREFIX + job_id
-        current = self.redis.hget(key, f"stage:{stage}")
-        record = json.loads(current) if current else {}
-        record.update(fields)
-        self.redis.hset(key, mapping={f"stage:{stage}": json.dumps(record), "updated": repr(time.time())})
+        """Merge fields into one stage's record (each stage/variant owns its own field).
+
+        One round trip when the record is still the one this process last wrote; otherwise the
+        script answers with the current record and the merge is redone on it.
+        """
+        self._merge_stage(job_id, f"stage:{stage}", self._seen.get((job_id, f"stage:{stage}"), ""), fields)
+
+    def begin_stage(self, job_id: str, stage: str, delivery: str, max_deliveries: int,
+                    **fields: Any) -> StageStart:
+        """Start a stage task in one round trip (two when the stage already has a record).
+
+        Unless the job is gone or cancelled: counts this delivery under ``delivery`` (a key
+        naming the task id and attempt); unless it was delivered more than ``max_deliveries``
+        times before, moves the job to RUNNING (a final state stays) and merges fields into the
+        stage's record.
+        """
+        field = f"stage:{stage}"
+        record = json.dumps(fields)
+        answer = self._begin_stage(keys=[PREFIX + job_id, delivery],
+                                   args=[field, record, repr(time.time()), max_deliveries, DELIVERIES_TTL_S])
+        outcome = answer[0].decode()
+        if outcome == "cancelled":
+            return StageStart(cancelled=True, died=0)
+        died = int(answer[1])
+        if outcome == "started":
+            self._remember(job_id, field, record)
+        elif outcome == "merge":
+            self._merge_stage(job_id, field, answer[2].decode(), fields)
+        return StageStart(cancelled=False, died=died)
+
+    def _merge_stage(self, job_id: str, field: str, seen: str, fields: dict[str, Any]) -> None:
+        while True:
+            record = json.loads(seen) if seen else {}
+            record.update(fields)
+            written = json.dumps(record)
+            answer = self._update_stage(keys=[PREFIX + job_id], args=[field, seen, written, repr(time.time())])
+            if answer[0] == 1:
+                self._remember(job_id, field, written)
+                return
+            seen = answer[1].decode()  # changed since this process wrote it: merge into what is there
+
+    def _remember(self, job_id: str, field: str, record: str) -> None:
+        with self._seen_lock:
+            self._seen[(job_id, field)] = record
+            self._seen.move_to_end((job_id, field))
+            while len(self._seen) > _SEEN_LIMIT:
+                self._seen.popitem(last=False)
 
     def recent(self, limit: int = 50) -> list[str]:
         return [j.decode() for j in self.redis.zrevrange(INDEX, 0, limit - 1)]

@@ -51,6 +51,8 @@ class ModelSpec(Strict):
     inputs: list[TensorSpec] | None = None
     factory: str | None = Field(default=None, description="module:callable building a torch architecture")
     samples: str | None = Field(default=None, description=".npz of sample inputs (keys are input names)")
+    eval_data: str | None = Field(default=None, min_length=1,
+                                  description=".npz of the model's inputs plus 'labels' (class ids): accuracy")
 
     @field_validator("name")
     @classmethod
@@ -89,6 +91,9 @@ class Gate(Strict):
     cosine_min: float | None = Field(default=0.99, ge=-1, le=1)
     max_abs: float | None = Field(default=None, gt=0)
     top1_min: float | None = Field(default=None, ge=0, le=1)
+    accuracy_drop_max: float | None = Field(
+        default=None, ge=0, le=1, description="most accuracy (0..1) a variant may lose against fp32's; needs eval_data"
+    )
 
 
 BASELINE = "fp32"  # the converted model as is: every job measures it as the reference point
@@ -229,6 +234,9 @@ class JobSpec(Strict):
             method = self.compress.prune.method
             raise ValueError(f"compress.prune.method {method!r} applies to format {PRUNE_METHODS[method]!r} models, "
                              f"not {self.model.format!r}")
+        if self.optimize and self.optimize.gate.accuracy_drop_max is not None and self.model.eval_data is None:
+            raise ValueError("optimize.gate.accuracy_drop_max needs labelled data to measure accuracy on: "
+                             "set model.eval_data (an .npz of the model's inputs plus 'labels')")
         for variant in self.optimize.variants if self.optimize else []:
             for part in variant.parts:
                 if part not in registry.optimizers:

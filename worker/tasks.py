@@ -17,7 +17,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from shared.errors import TransientError, UserInputError
-from shared.jobs import FAILED, RUNNING, SUCCEEDED, JobStore
+from shared.jobs import FAILED, SUCCEEDED, JobStore
 from shared.settings import get_settings
 from worker import metrics
 from worker.app import app
@@ -57,11 +57,7 @@ class StageTask(Task):
     def run_stage(self, stage: str, job_id: str, work) -> Any:
         ctx = self.context(job_id)
         try:
-            ctx.check_not_cancelled()
-            self.check_redeliveries(ctx, stage)
-            ctx.jobs.set_state(job_id, RUNNING)
-            ctx.jobs.update_stage(job_id, stage, state="running", worker=ctx.worker, queue=ctx.queue,
-                                  started=time.time(), attempt=self.request.retries + 1)
+            self.begin(ctx, stage)
             with metrics.track_stage(stage, ctx.queue) as tracked:
                 result = work(ctx)
                 if isinstance(result, dict) and "error" in result:
@@ -91,19 +87,22 @@ class StageTask(Task):
             log.warning("could not publish the retry of %s (%s): requeueing the message", self.name, exc.reason)
             raise Reject(exc.reason, requeue=True) from None
 
-    def check_redeliveries(self, ctx: StageContext, stage: str) -> None:
-        """Fail a stage whose worker process keeps dying under it, instead of redelivering it forever.
+    def begin(self, ctx: StageContext, stage: str) -> None:
+        """The job is not cancelled, the stage not redelivered too often: job RUNNING, stage running.
 
-        A message whose worker process died (SIGKILL, out of memory, segfault) returns to the queue
-        (``task_reject_on_worker_lost``) with the same task id and retry count, so the deliveries of
-        one attempt are counted in Redis; past ``max_retries`` redeliveries the stage fails.
+        One script in Redis (``JobStore.begin_stage``), one round trip. A message whose worker process
+        died (SIGKILL, out of memory, segfault) returns to the queue (``task_reject_on_worker_lost``)
+        with the same task id and retry count, so the deliveries of one attempt are counted in Redis;
+        past ``max_retries`` redeliveries the stage fails instead of being redelivered forever.
         """
-        key = f"modelyard:deliveries:{self.request.id}:{self.request.retries}"
-        pipe = ctx.jobs.redis.pipeline()
-        pipe.incr(key)
-        pipe.expire(key, 7 * 24 * 3600)
-        deliveries, _ = pipe.execute()
-        died = int(deliveries) - 1
+        start = ctx.jobs.begin_stage(
+            ctx.job_id, stage, f"modelyard:deliveries:{self.request.id}:{self.request.retries}", settings.max_retries,
+            state="running", worker=ctx.worker, queue=ctx.queue, started=time.time(),
+            attempt=self.request.retries + 1,
+        )
+        if start.cancelled:
+            raise JobCancelled(f"job {ctx.job_id} was cancelled")
+        died = start.died
         if died > settings.max_retries:
             raise UserInputError(
                 f"stage {stage}: the worker process died {died} times running this stage (killed, out of memory "

@@ -81,6 +81,12 @@ class ArtifactStore(ABC):
     def _download(self, key: str, dest: Path) -> None:
         """Stream an object into dest (a temporary path the caller verifies). NotFound if absent."""
 
+    def _download_digest(self, key: str, dest: Path) -> str:
+        """``_download``, and the sha256 of the bytes written. Backends that can hash while they
+        stream override this to save reading the file again."""
+        self._download(key, dest)
+        return sha256_file(dest)
+
     @abstractmethod
     def _write_bytes(self, key: str, data: bytes, *, if_generation: int | None) -> int:
         """Write a small object; returns its new generation.
@@ -156,8 +162,7 @@ class ArtifactStore(ABC):
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            self._download(blob_key(ref.digest), tmp)
-            actual = sha256_file(tmp)
+            actual = self._download_digest(blob_key(ref.digest), tmp)
             if actual != ref.digest:
                 raise IntegrityError(f"{ref.path}: downloaded bytes hash to {actual}, expected {ref.digest}")
             os.replace(tmp, dest)

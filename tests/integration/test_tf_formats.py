@@ -73,17 +73,19 @@ convert: {{to: onnx, samples: {{batch: 2, sequence: 16}}}}
 def job_folder(digits, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tf-jobs")
     digits.write_test_split(folder / "test_split.npz")
+    digits.write_test_split(folder / "eval.npz", labels=True)
     return folder
 
 
 @pytest.fixture(scope="module")
 def tflite_job(torch_job_first, job_folder, digits) -> dict:
     job = write_job(job_folder, "digits-tflite", f"""
-model: {{name: digits, source: {digits.keras_file}, format: keras, samples: ./test_split.npz}}
+model: {{name: digits, source: {digits.keras_file}, format: keras, samples: ./test_split.npz,
+         eval_data: ./eval.npz}}
 convert: {{to: tflite}}
 optimize:
   variants: [{", ".join(VARIANTS)}]
-  gate: {{cosine_min: 0.95, top1_min: 0.97}}
+  gate: {{cosine_min: 0.95, top1_min: 0.97, accuracy_drop_max: 0.01}}
   objective: size
 deploy: {{repository: file://./model-repo, alias: production}}
 """)
@@ -112,6 +114,14 @@ def test_every_tflite_variant_keeps_accuracy_within_one_point_of_keras(tflite_jo
     accuracy = step_accuracy(tflite_job, f"optimize:{variant}", digits)
 
     assert abs(accuracy - digits.keras_accuracy) <= 0.01
+
+
+@pytest.mark.parametrize("variant", ["fp32", *VARIANTS])
+def test_every_tflite_variant_reports_an_accuracy_within_one_point_of_keras(tflite_job, digits, variant):
+    table = {row["variant"]: row for row in tflite_job["stages"]["select"]["table"]}
+
+    assert abs(table[variant]["accuracy"] - digits.keras_accuracy) <= 0.01
+    assert tflite_job["stages"][f"optimize:{variant}"]["metrics"]["eval_rows"] == len(digits.y_test)
 
 
 def test_tflite_variants_are_smaller_than_fp32(tflite_job):

@@ -73,6 +73,44 @@ def test_fp32_is_the_baseline_and_cannot_be_listed_as_a_variant():
         parse_job("model: {name: m, source: m.onnx, format: onnx}\noptimize: {variants: [fp32]}")
 
 
+EVAL_JOB = """
+model: {name: digits, source: digits.keras, format: keras, eval_data: ./eval.npz}
+convert: {to: tflite}
+optimize: {variants: [int8], gate: {cosine_min: 0.95, accuracy_drop_max: 0.01}}
+"""
+
+
+def test_labelled_eval_data_and_an_accuracy_drop_gate_parse_with_their_values():
+    spec = parse_job(EVAL_JOB)
+
+    assert spec.model.eval_data == "./eval.npz"
+    assert spec.optimize.gate.accuracy_drop_max == 0.01
+
+
+def test_eval_data_is_optional_and_the_accuracy_gate_off_by_default():
+    spec = parse_job("model: {name: m, source: m.onnx, format: onnx}\noptimize: {variants: [int8-dynamic]}")
+
+    assert spec.model.eval_data is None and spec.optimize.gate.accuracy_drop_max is None
+
+
+def test_an_accuracy_drop_gate_without_eval_data_is_refused_naming_both_fields():
+    with pytest.raises(UserInputError) as caught:
+        parse_job(EVAL_JOB.replace(", eval_data: ./eval.npz", ""))
+
+    assert "optimize.gate.accuracy_drop_max" in str(caught.value) and "model.eval_data" in str(caught.value)
+
+
+@pytest.mark.parametrize("drop", ["-0.01", "1.5"])
+def test_an_accuracy_drop_outside_0_to_1_is_refused(drop):
+    with pytest.raises(UserInputError, match="optimize.gate.accuracy_drop_max"):
+        parse_job(EVAL_JOB.replace("accuracy_drop_max: 0.01", f"accuracy_drop_max: {drop}"))
+
+
+def test_an_empty_eval_data_path_is_refused():
+    with pytest.raises(UserInputError, match="model.eval_data"):
+        parse_job(EVAL_JOB.replace("./eval.npz", "''"))
+
+
 def test_malformed_yaml_is_reported_as_such():
     with pytest.raises(UserInputError, match="not valid YAML"):
         parse_job("model: {name: m, source: [")

@@ -527,7 +527,8 @@ def test_gcs_download_checksum_mismatch_raises_integrity_error(gcs_store, tmp_pa
     ref = gcs_store.put_file(source)
     corrupt = DataCorruption(mock.Mock(status_code=200), "crc32c mismatch")
 
-    with mock.patch.object(Blob, "download_to_filename", side_effect=corrupt), pytest.raises(IntegrityError):
+    # download_to_file: get_file streams through it (download_to_filename calls it as well)
+    with mock.patch.object(Blob, "download_to_file", side_effect=corrupt), pytest.raises(IntegrityError):
         gcs_store.get_file(ref, tmp_path / "out.bin")
 
 

@@ -47,7 +47,7 @@ def compress_params(ctx: StageContext) -> dict:
     spec = ctx.spec
     data = ctx.record.get("distill_data")
     return {
-        "model": spec.model.model_dump(exclude={"name", "source", "samples"}, mode="json"),
+        "model": spec.model.model_dump(exclude={"name", "source", "samples", "eval_data"}, mode="json"),
         "compress": spec.compress.model_dump(mode="json", exclude={"distill": {"data"}}),
         "data_digest": data["digest"] if data else None,
         "device": spec.device,

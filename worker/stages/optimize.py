@@ -15,7 +15,7 @@ from typing import Any
 from shared.errors import UserInputError
 from shared.jobspec import BASELINE, Gate
 from shared.manifest import Manifest, load_manifest
-from shared.storage import digest_of_files
+from shared.storage import FileRef, digest_of_files
 from worker.context import StageContext
 from worker.gpu import ENGINE_CACHE, Execution
 from worker.plugins import registry
@@ -23,6 +23,8 @@ from worker.plugins.base import OptimizeRequest, TensorInfo
 from worker.stages.arrays import load_arrays
 from worker.stages.convert import REFERENCE, SAMPLES
 from worker.steps import StepOutput, run_step, tool_versions
+
+SLOWER = "rejected: slower than fp32"  # a verdict that passed the gate but loses to the baseline on latency
 
 
 def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Manifest, bool]:
@@ -34,6 +36,7 @@ def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Mani
     optimizers = [registry.optimizer(name) for name in parts]
     execution = Execution.plan(ctx.queue, optimizers, ctx.worker)  # refuses TensorRT variants without TensorRT
     tools: tuple[str, ...] = ("onnx", "onnxruntime")
+    eval_ref = FileRef.from_dict(ctx.record["eval_data"]) if ctx.record.get("eval_data") else None
     for optimizer in optimizers:
         tools += optimizer.tools
 
@@ -67,7 +70,10 @@ def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Mani
         if (model.parent / ENGINE_CACHE).is_dir():  # TensorRT engines: an artifact beside the model
             shutil.copytree(model.parent / ENGINE_CACHE, out / ENGINE_CACHE)
         final = out / model.name
-        metrics = measure(ctx, final, samples, reference, execution=execution)
+        eval_data = None
+        if eval_ref:
+            eval_data = load_arrays(ctx.store.get_file(eval_ref, tmp / "eval_data.npz"), what="model.eval_data")
+        metrics = measure(ctx, final, samples, reference, execution=execution, eval_data=eval_data)
         if execution.torch_fallback:
             metrics.update(_torch_fallback(ctx, tmp, samples, reference, convert.info.get("task")))
         metrics["size_bytes"] = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
@@ -78,7 +84,8 @@ def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Mani
         stage=f"optimize:{variant}",
         input_digest=digest_of_files(convert.files),
         params={"of": spec.of, "params": spec.params, "pool": ctx.queue, "threads": ctx.settings.bench_threads,
-                "runs": ctx.settings.bench_runs, **execution.key_params()},
+                "runs": ctx.settings.bench_runs, **execution.key_params(),
+                **({"eval_data_digest": eval_ref.digest} if eval_ref else {})},
         tools=tool_versions(tools),
         compute=compute,
     )
@@ -111,7 +118,9 @@ def _initializers(graph: Any):
 
 
 def measure(ctx: StageContext, model: Path, samples: dict, reference: dict,
-            execution: Execution | None = None) -> dict:
+            execution: Execution | None = None, eval_data: dict | None = None) -> dict:
+    """Fidelity against the reference, latency, and top-1 accuracy when the job gave labelled eval data."""
+    from worker.accuracy import top1_accuracy
     from worker.fidelity import compare
     from worker.gpu import CUDA_PROVIDERS, gpu_name
     from worker.latency import measure as measure_latency
@@ -124,6 +133,8 @@ def measure(ctx: StageContext, model: Path, samples: dict, reference: dict,
     with lock:  # one benchmark at a time per host: latency is meaningless when cores are shared
         latency = measure_latency(session, samples, runs=ctx.settings.bench_runs, warmup=ctx.settings.bench_warmup)
     metrics = {"fidelity": fidelity, "latency": latency, "provider": session.provider}
+    if eval_data is not None:
+        metrics.update(top1_accuracy(session, eval_data))
     if session.provider in CUDA_PROVIDERS:
         metrics["gpu"] = gpu_name()
     return metrics
@@ -170,6 +181,7 @@ def variant_summary(variant: str, manifest: Manifest, cached: bool, ctx: StageCo
         "cosine_mean": manifest.metrics["fidelity"]["cosine_mean"],
         "max_abs": manifest.metrics["fidelity"]["max_abs"],
         "top1_agreement": manifest.metrics["fidelity"].get("top1_agreement"),
+        "accuracy": manifest.metrics.get("accuracy"),
         "provider": manifest.metrics.get("provider"),
         "gpu": manifest.metrics.get("gpu"),
         "passed": passed,
@@ -190,6 +202,16 @@ def select(ctx: StageContext, results: list[dict]) -> tuple[dict | None, list[di
             row["size_ratio"] = row["size_bytes"] / baseline["size_bytes"] if baseline else None
             row["speedup"] = baseline["p50_ms"] / row["p50_ms"] if baseline and row["p50_ms"] else None
         table.append(row)
+    gate = ctx.spec.optimize.gate
+    for row in table:  # the accuracy gate needs the baseline's accuracy: it is known only here
+        if row["variant"] == BASELINE:
+            continue
+        if baseline and row.get("accuracy") is not None and baseline.get("accuracy") is not None:
+            row["accuracy_drop"] = baseline["accuracy"] - row["accuracy"]
+        why = accuracy_verdict(gate, row, baseline)
+        if why:
+            row["reason"] = f"{row['reason']}; {why}" if not row["passed"] else why
+            row["passed"] = False
     objective = ctx.spec.optimize.objective
     candidates = []
     for row in table:
@@ -198,7 +220,7 @@ def select(ctx: StageContext, results: list[dict]) -> tuple[dict | None, list[di
         elif not row["passed"]:
             row["verdict"] = f"rejected: {row['reason']}"
         elif objective == "latency" and baseline and row["p50_ms"] > baseline["p50_ms"]:
-            row["verdict"] = f"rejected: slower than fp32 ({row['p50_ms']:.1f} ms vs {baseline['p50_ms']:.1f} ms)"
+            row["verdict"] = f"{SLOWER} ({row['p50_ms']:.1f} ms vs {baseline['p50_ms']:.1f} ms)"
         else:
             row["verdict"] = "candidate"
             candidates.append(row)
@@ -211,6 +233,27 @@ def select(ctx: StageContext, results: list[dict]) -> tuple[dict | None, list[di
     return best, table
 
 
+def accuracy_verdict(gate: Gate, row: dict, baseline: dict | None) -> str | None:
+    """Why a variant fails the gate's ``accuracy_drop_max`` against fp32; None when it does not."""
+    if gate.accuracy_drop_max is None:
+        return None
+    if baseline is None or baseline.get("accuracy") is None:
+        return "accuracy drop unknown: the fp32 baseline has no measured accuracy"
+    if row.get("accuracy") is None:
+        return "accuracy not measured"
+    drop = baseline["accuracy"] - row["accuracy"]
+    if drop > gate.accuracy_drop_max + 1e-9:  # accuracies are fractions of rows: allow rounding
+        return (f"accuracy {row['accuracy']:.4f} is {drop:.4f} below fp32's {baseline['accuracy']:.4f} "
+                f"> gate accuracy_drop_max {gate.accuracy_drop_max}")
+    return None
+
+
 def format_rejections(table: list[dict]) -> str:
+    """What was tried and why each was rejected; names the variants that passed the gate but lost on latency."""
     rows = [f"{r['variant']} ({r['verdict']})" for r in table if r["variant"] != BASELINE]
-    return "; ".join(rows)
+    message = "; ".join(rows)
+    slower = [r["variant"] for r in table if r.get("passed") and r.get("verdict", "").startswith(SLOWER)]
+    if slower:
+        message += (f". Passed the fidelity gate but are slower than fp32, so objective: latency keeps none of them: "
+                    f"{', '.join(slower)}; set optimize.objective: size to deploy the smallest of them")
+    return message
