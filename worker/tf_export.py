@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from shared.errors import UserInputError
-from worker.plugins.base import Arrays, TensorInfo
+from worker.plugins.base import Arrays, ConvertRequest, ConvertResult, TensorInfo
 
 SAVED_MODEL = "saved_model"  # folder in the convert outputs: the source the TFLite optimizers re-convert
 SIGNATURE = "serving_default"
@@ -202,3 +202,19 @@ def requantize(request, variant: str, configure: Callable[[Any], None]) -> Path:
     except UserInputError as exc:
         raise UserInputError(f"optimize variant {variant} produced a model that cannot be run: {exc}") from None
     return output
+
+
+def export(trackable, function, inputs: list[TensorInfo], samples: Arrays, request: ConvertRequest, label: str,
+           extra: dict) -> ConvertResult:
+    """Run the source function for the reference, then write model.onnx or model.tflite (+ its SavedModel)."""
+    reference = run_reference(function, inputs, samples, label)
+    workdir = Path(request.workdir)
+    if request.convert.to == "onnx":
+        to_onnx(function, inputs, workdir / "model.onnx", request.convert.opset, label)
+        model_file = "model.onnx"
+    else:
+        saved = save_signature(trackable, function, workdir / SAVED_MODEL)
+        to_tflite(saved, workdir / "model.tflite", label)
+        model_file = "model.tflite"
+    return ConvertResult(model_file=model_file, samples=samples, reference=reference, inputs=inputs,
+                         outputs=output_infos(reference), extra=extra)

@@ -39,14 +39,9 @@ class KerasConverter(Converter):
     def convert(self, request: ConvertRequest) -> ConvertResult:
         from worker.plugins.onnx_passthrough import _generate, _input_infos, _user_samples
         from worker.tf_export import (
-            SAVED_MODEL,
+            export,
             import_tensorflow,
-            output_infos,
-            run_reference,
-            save_signature,
             serving_function,
-            to_onnx,
-            to_tflite,
         )
 
         label = f"model.source {request.model.source}"
@@ -72,24 +67,8 @@ class KerasConverter(Converter):
             return dict(zip(names, flat))
 
         function = serving_function(call, inputs)
-        reference = run_reference(function, inputs, samples, label)
-
-        workdir = Path(request.workdir)
-        if request.convert.to == "onnx":
-            to_onnx(function, inputs, workdir / "model.onnx", request.convert.opset, label)
-            model_file = "model.onnx"
-        else:
-            saved = save_signature(model, function, workdir / SAVED_MODEL)
-            to_tflite(saved, workdir / "model.tflite", label)
-            model_file = "model.tflite"
-        return ConvertResult(
-            model_file=model_file,
-            samples=samples,
-            reference=reference,
-            inputs=inputs,
-            outputs=output_infos(reference),
-            extra={"tensorflow": tf.__version__, "keras": keras.__version__, "source_format": self.name},
-        )
+        extra = {"tensorflow": tf.__version__, "keras": keras.__version__, "source_format": self.name}
+        return export(model, function, inputs, samples, request, label, extra)
 
 
 def _checked_file(source: Path, label: str, max_bytes: int) -> Path:

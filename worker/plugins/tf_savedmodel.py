@@ -61,15 +61,10 @@ class TfSavedModel(Converter):
     def _convert_folder(self, folder: Path, request: ConvertRequest, label: str) -> ConvertResult:
         from worker.plugins.onnx_passthrough import _generate, _input_infos, _user_samples
         from worker.tf_export import (
-            SAVED_MODEL,
+            export,
             import_tensorflow,
-            output_infos,
-            run_reference,
-            save_signature,
             serving_function,
             symbolic_shape,
-            to_onnx,
-            to_tflite,
         )
 
         tf = import_tensorflow(request.settings.bench_threads)
@@ -91,24 +86,8 @@ class TfSavedModel(Converter):
             samples = _generate(inputs, request.convert.samples)
 
         function = serving_function(lambda *tensors: dict(signature(**dict(zip(names, tensors)))), inputs)
-        reference = run_reference(function, inputs, samples, label)
-
-        workdir = Path(request.workdir)
-        if request.convert.to == "onnx":
-            to_onnx(function, inputs, workdir / "model.onnx", request.convert.opset, label)
-            model_file = "model.onnx"
-        else:
-            saved = save_signature(loaded, function, workdir / SAVED_MODEL)
-            to_tflite(saved, workdir / "model.tflite", label)
-            model_file = "model.tflite"
-        return ConvertResult(
-            model_file=model_file,
-            samples=samples,
-            reference=reference,
-            inputs=inputs,
-            outputs=output_infos(reference),
-            extra={"tensorflow": tf.__version__, "signature": key, "source_format": self.name},
-        )
+        extra = {"tensorflow": tf.__version__, "signature": key, "source_format": self.name}
+        return export(loaded, function, inputs, samples, request, label, extra)
 
 
 def _model_folder(folder: Path, label: str) -> Path:

@@ -6,7 +6,7 @@ mostly JSON (read in ``torch/export/pt2_archive/_package.py`` and ``torch/_expor
 - the sample inputs (``data/sample_inputs/<model>.pt``) are read with
   ``torch.load(weights_only=True)`` and, when that fails, *again with weights_only=False*: a
   pickle payload there runs (reproduced: a GLOBAL ``builtins.open`` creates its file);
-- weights and constants marked ``use_pickle`` go through ``torch.load(weights_only=False)``,
+- weights and constants marked ``use_pickle`` go through ``torch.load`` with ``weights_only`` off,
   ``opaque_obj_*`` constants through ``pickle.loads``, ``custom_obj_*`` through TorchScript's
   unpickler; legacy-format files keep a pickled state dict;
 - ``data/aotinductor/`` holds compiled shared libraries, which ``load_pt2`` loads;
