@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.errors import UserInputError
-from worker.plugins.base import Arrays, ConvertRequest, TensorInfo
+from worker.plugins.base import Arrays, ConvertRequest, ConvertResult, TensorInfo
 
 _DTYPES = {"float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
 MESSAGE_LIMIT = 300
@@ -258,3 +258,29 @@ def _check_batch_is_dynamic(module, model: Path, samples: Arrays, inputs, batch:
             f"the source model ({one_line(failure)}). The model fixes its batch size (e.g. it was traced at batch "
             f"{size}); give the batch as a number in model.inputs, or export the model with a dynamic batch"
         )
+
+
+def single_file(source: Path, label: str, what: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """The source file itself, or the only matching file of a folder source."""
+    if source.is_dir():
+        found = sorted(p for p in source.iterdir() if p.is_file() and (not suffixes or p.suffix.lower() in suffixes))
+        if len(found) != 1:
+            raise UserInputError(f"{label}: a folder source must hold exactly one {what} "
+                                 f"(found: {', '.join(p.name for p in found) or 'none'})")
+        return found[0]
+    if not source.is_file():
+        raise UserInputError(f"{label}: not found")
+    return source
+
+
+def convert_module(module, inputs: list[TensorInfo], request: ConvertRequest, label: str,
+                   extra: dict | None = None, **export_options) -> ConvertResult:
+    """Samples, the module's reference outputs and the ONNX export, as a ConvertResult."""
+    import torch
+
+    samples, origin = samples_for(request, inputs)
+    model_file, reference, outputs = export_onnx(module, samples, inputs, request, label, **export_options)
+    return ConvertResult(
+        model_file=model_file, samples=samples, reference=reference, inputs=inputs, outputs=outputs,
+        extra={"torch": torch.__version__, **(extra or {}), "samples": origin, "opset": request.convert.opset},
+    )

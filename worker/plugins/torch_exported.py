@@ -67,10 +67,10 @@ class TorchExported(Converter):
     def convert(self, request: ConvertRequest) -> ConvertResult:
         import torch
 
-        from worker.torch_onnx import export_onnx, input_specs, one_line, samples_for
+        from worker.torch_onnx import convert_module, input_specs, one_line, single_file
 
         label = f"model.source {request.model.source}"
-        source = _program_file(Path(request.source), label)
+        source = single_file(Path(request.source), label, ".pt2 file", (".pt2",))
         check_program(source, label, max_bytes=request.settings.max_archive_bytes)
         try:
             program = torch.export.load(str(source))
@@ -83,28 +83,7 @@ class TorchExported(Converter):
             sub.training = False  # .eval() is refused by exported modules; the graph already fixed the mode
         declared = _declared_inputs(program)
         inputs = _match_inputs(input_specs(request, declared=declared), declared, label)
-        samples, origin = samples_for(request, inputs)
-        model_file, reference, outputs = export_onnx(module, samples, inputs, request, label, preserve_training=True)
-        return ConvertResult(
-            model_file=model_file,
-            samples=samples,
-            reference=reference,
-            inputs=inputs,
-            outputs=outputs,
-            extra={"torch": torch.__version__, "samples": origin, "opset": request.convert.opset},
-        )
-
-
-def _program_file(source: Path, label: str) -> Path:
-    if source.is_dir():
-        found = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() == ".pt2")
-        if len(found) != 1:
-            raise UserInputError(f"{label}: a folder source must hold exactly one .pt2 file "
-                                 f"(found: {', '.join(p.name for p in found) or 'none'})")
-        return found[0]
-    if not source.is_file():
-        raise UserInputError(f"{label}: not found")
-    return source
+        return convert_module(module, inputs, request, label, preserve_training=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,9 +32,8 @@ class TorchStateDict(Converter):
     tools = ("torch", "safetensors", "onnx", "onnxruntime")
 
     def convert(self, request: ConvertRequest) -> ConvertResult:
-        import torch
 
-        from worker.torch_onnx import export_onnx, input_specs, samples_for
+        from worker.torch_onnx import convert_module, input_specs
 
         label = f"model.source {request.model.source}"
         factory = check_factory(request.model.factory, request.settings.allowed_factories)
@@ -44,17 +43,8 @@ class TorchStateDict(Converter):
         module = _build(factory, label)
         _load_state(module, state, label, factory)
         module.eval()
-        samples, origin = samples_for(request, inputs)
-        model_file, reference, outputs = export_onnx(module, samples, inputs, request, label)
-        return ConvertResult(
-            model_file=model_file,
-            samples=samples,
-            reference=reference,
-            inputs=inputs,
-            outputs=outputs,
-            extra={"torch": torch.__version__, "factory": factory, "architecture": type(module).__name__,
-                   "weights": weights_file.suffix.lower(), "samples": origin, "opset": request.convert.opset},
-        )
+        return convert_module(module, inputs, request, label, {
+            "factory": factory, "architecture": type(module).__name__, "weights": weights_file.suffix.lower()})
 
 
 def check_factory(factory: str | None, allowed: list[str]) -> str:

@@ -36,10 +36,10 @@ class TorchScript(Converter):
     def convert(self, request: ConvertRequest) -> ConvertResult:
         import torch
 
-        from worker.torch_onnx import export_onnx, input_specs, one_line, samples_for
+        from worker.torch_onnx import convert_module, input_specs, one_line, single_file
 
         label = f"model.source {request.model.source}"
-        source = _archive_file(Path(request.source), label)
+        source = single_file(Path(request.source), label, "TorchScript archive")
         inputs = input_specs(request)
         check_archive(source, label, max_bytes=request.settings.max_archive_bytes)
         try:
@@ -49,28 +49,7 @@ class TorchScript(Converter):
         except Exception as exc:  # noqa: BLE001 - the C++ loader raises RuntimeError with long traces
             raise UserInputError(f"{label}: torch.jit.load cannot load the archive: {one_line(exc)}") from None
         module.eval()
-        samples, origin = samples_for(request, inputs)
-        model_file, reference, outputs = export_onnx(module, samples, inputs, request, label)
-        return ConvertResult(
-            model_file=model_file,
-            samples=samples,
-            reference=reference,
-            inputs=inputs,
-            outputs=outputs,
-            extra={"torch": torch.__version__, "samples": origin, "opset": request.convert.opset},
-        )
-
-
-def _archive_file(source: Path, label: str) -> Path:
-    if source.is_dir():
-        found = sorted(p for p in source.iterdir() if p.is_file())
-        if len(found) != 1:
-            raise UserInputError(f"{label}: a folder source must hold exactly one TorchScript archive "
-                                 f"(found: {', '.join(p.name for p in found) or 'none'})")
-        return found[0]
-    if not source.is_file():
-        raise UserInputError(f"{label}: not found")
-    return source
+        return convert_module(module, inputs, request, label)
 
 
 def check_archive(path: Path, label: str, *, max_bytes: int) -> None:
