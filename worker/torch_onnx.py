@@ -22,8 +22,8 @@ import numpy as np
 
 from shared.errors import UserInputError
 from worker.plugins.base import Arrays, ConvertRequest, ConvertResult, TensorInfo
+from worker.samples import samples_for
 
-_DTYPES = {"float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
 MESSAGE_LIMIT = 300
 
 
@@ -49,61 +49,6 @@ def input_specs(request: ConvertRequest, *, declared: list[TensorInfo] | None = 
         "e.g. inputs: [{name: x, dtype: float32, shape: [batch, 3, 224, 224]}], "
         "or give sample inputs with model.samples"
     )
-
-
-def dim_size(dim: int | str, index: int, spec) -> int:
-    if isinstance(dim, int):
-        return dim
-    name = dim.lower()
-    if "batch" in name or (index == 0 and not any(w in name for w in ("seq", "len", "token"))):
-        return spec.batch
-    return spec.sequence
-
-
-def samples_for(request: ConvertRequest, inputs: list[TensorInfo]) -> tuple[Arrays, str]:
-    """The user's samples checked against the inputs, or samples generated from them (seeded)."""
-    if request.samples is not None:
-        return _check_user_samples(request.samples, inputs, request.model.samples or "samples"), "user"
-    spec = request.convert.samples
-    rng = np.random.default_rng(spec.seed)
-    arrays: Arrays = {}
-    for tensor in inputs:
-        shape = tuple(dim_size(dim, i, spec) for i, dim in enumerate(tensor.shape))
-        dtype = tensor.dtype if tensor.dtype in _DTYPES else "float32"
-        name = tensor.name.lower()
-        if dtype == "bool":
-            value = rng.integers(0, 2, size=shape).astype(bool)
-        elif np.issubdtype(np.dtype(dtype), np.floating):
-            value = rng.standard_normal(size=shape).astype(dtype)
-        elif "mask" in name:
-            value = np.ones(shape, dtype=dtype)
-        elif "type" in name or "segment" in name or "position" in name:
-            value = np.zeros(shape, dtype=dtype)
-        else:
-            value = rng.integers(0, 100, size=shape).astype(dtype)  # ids valid for any vocabulary >= 100
-        arrays[tensor.name] = value
-    return arrays, "generated"
-
-
-def _check_user_samples(samples: Arrays, inputs: list[TensorInfo], origin: str) -> Arrays:
-    names = [t.name for t in inputs]
-    missing = [n for n in names if n not in samples]
-    unknown = [n for n in samples if n not in names]
-    if missing or unknown:
-        parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
-            [f"unknown {', '.join(unknown)}"] if unknown else [])
-        raise UserInputError(f"model.samples {origin}: {'; '.join(parts)} (the model takes: {', '.join(names)})")
-    arrays: Arrays = {}
-    for tensor in inputs:
-        value = np.asarray(samples[tensor.name])
-        if value.ndim != len(tensor.shape) or any(
-            isinstance(want, int) and got != want for got, want in zip(value.shape, tensor.shape)
-        ):
-            raise UserInputError(
-                f"model.samples {origin}: {tensor.name} has shape {list(value.shape)}, model.inputs says {tensor.shape}"
-            )
-        arrays[tensor.name] = np.ascontiguousarray(value.astype(tensor.dtype if tensor.dtype in _DTYPES else value.dtype))
-    return arrays
 
 
 def run_module(module, samples: Arrays, inputs: list[TensorInfo], label: str) -> tuple[list[str], Arrays]:

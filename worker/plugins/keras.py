@@ -37,7 +37,8 @@ class KerasConverter(Converter):
     tools = ("tensorflow-cpu", "keras", "tf2onnx", "ai-edge-litert", "onnx", "onnxruntime")
 
     def convert(self, request: ConvertRequest) -> ConvertResult:
-        from worker.plugins.onnx_passthrough import _generate, _input_infos, _user_samples
+        from worker.plugins.onnx_passthrough import _input_infos
+        from worker.samples import samples_for
         from worker.tf_export import (
             export,
             import_tensorflow,
@@ -52,10 +53,7 @@ class KerasConverter(Converter):
         model = _load(path, label)
         declared = _model_inputs(model, label)
         inputs = _input_infos(declared, request, label)
-        if request.samples is not None:
-            samples = _user_samples(request.samples, inputs, request.model.samples or "samples")
-        else:
-            samples = _generate(inputs, request.convert.samples)
+        samples, _origin = samples_for(request, inputs)
         output_names = _output_names(model)
 
         def call(*tensors):

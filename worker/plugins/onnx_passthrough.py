@@ -15,12 +15,11 @@ import re
 import shutil
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-import numpy as np
 
 from shared.errors import UserInputError
-from worker.plugins.base import Arrays, Converter, ConvertRequest, ConvertResult, TensorInfo
+from worker.plugins.base import Converter, ConvertRequest, ConvertResult, TensorInfo
+from worker.samples import samples_for
 
-_NUMPY_TYPES = {"float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
 
 
 class OnnxPassthrough(Converter):
@@ -48,10 +47,7 @@ class OnnxPassthrough(Converter):
 
         session = load_session(source, threads=request.settings.bench_threads)
         inputs = _input_infos(session.inputs, request, label)
-        if request.samples is not None:
-            samples = _user_samples(request.samples, inputs, request.model.samples or "samples")
-        else:
-            samples = _generate(inputs, request.convert.samples)
+        samples, _origin = samples_for(request, inputs)
         reference = session.run(samples)
         outputs = list(session.outputs)
         del session
@@ -172,60 +168,6 @@ def _input_infos(session_inputs: list[TensorInfo], request: ConvertRequest, labe
         # The graph decides the dtype (the runtime casts to it); the spec names the dims.
         result.append(TensorInfo(tensor.name, graph.dtype, list(tensor.shape)))
     return result
-
-
-def _dim_value(dim: int | str, index: int, samples) -> int:
-    if isinstance(dim, int) and dim > 0:
-        return dim
-    name = str(dim).lower()
-    if "batch" in name or (index == 0 and not any(w in name for w in ("seq", "len", "token"))):
-        return samples.batch
-    return samples.sequence
-
-
-def _generate(inputs: list[TensorInfo], spec) -> Arrays:
-    """Samples from the input shapes: symbolic dims become convert.samples.batch / sequence."""
-    rng = np.random.default_rng(spec.seed)
-    arrays: Arrays = {}
-    for tensor in inputs:
-        shape = tuple(_dim_value(dim, i, spec) for i, dim in enumerate(tensor.shape))
-        dtype = tensor.dtype if tensor.dtype in _NUMPY_TYPES else "float32"
-        name = tensor.name.lower()
-        if dtype == "bool":
-            value = rng.integers(0, 2, size=shape).astype(bool)
-        elif np.issubdtype(np.dtype(dtype), np.floating):
-            value = rng.standard_normal(size=shape).astype(dtype)
-        elif "mask" in name:
-            value = np.ones(shape, dtype=dtype)
-        elif "type" in name or "segment" in name or "position" in name:
-            value = np.zeros(shape, dtype=dtype)
-        else:
-            # Token ids and the like: small non-negative values are valid for any vocabulary >= 100.
-            value = rng.integers(0, 100, size=shape).astype(dtype)
-        arrays[tensor.name] = value
-    return arrays
-
-
-def _user_samples(samples: Arrays, inputs: list[TensorInfo], origin: str) -> Arrays:
-    names = [t.name for t in inputs]
-    missing = [n for n in names if n not in samples]
-    unknown = [n for n in samples if n not in names]
-    if missing or unknown:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing)}")
-        if unknown:
-            parts.append(f"unknown {', '.join(unknown)}")
-        raise UserInputError(
-            f"model.samples {origin}: {'; '.join(parts)} (the model takes: {', '.join(names)})"
-        )
-    arrays = {}
-    for tensor in inputs:
-        value = np.asarray(samples[tensor.name])
-        if tensor.dtype in _NUMPY_TYPES:
-            value = value.astype(tensor.dtype)
-        arrays[tensor.name] = value
-    return arrays
 
 
 def _opset(proto) -> int | None:

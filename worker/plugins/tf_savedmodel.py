@@ -59,7 +59,8 @@ class TfSavedModel(Converter):
             return self._convert_folder(_model_folder(source, label), request, label)
 
     def _convert_folder(self, folder: Path, request: ConvertRequest, label: str) -> ConvertResult:
-        from worker.plugins.onnx_passthrough import _generate, _input_infos, _user_samples
+        from worker.plugins.onnx_passthrough import _input_infos
+        from worker.samples import samples_for
         from worker.tf_export import (
             export,
             import_tensorflow,
@@ -80,10 +81,7 @@ class TfSavedModel(Converter):
         names = list(kwargs)
         declared = [TensorInfo(n, kwargs[n].dtype.name, symbolic_shape(kwargs[n].shape)) for n in names]
         inputs = _input_infos(declared, request, label)
-        if request.samples is not None:
-            samples = _user_samples(request.samples, inputs, request.model.samples or "samples")
-        else:
-            samples = _generate(inputs, request.convert.samples)
+        samples, _origin = samples_for(request, inputs)
 
         function = serving_function(lambda *tensors: dict(signature(**dict(zip(names, tensors)))), inputs)
         extra = {"tensorflow": tf.__version__, "signature": key, "source_format": self.name}
