@@ -8,7 +8,7 @@ same process: bytes (and x FP32), p50 latency (``--rounds`` rounds, each timing 
 turn, ``--runs`` timed runs after warm-up; p50 over all runs; ratio to FP32 from the same run),
 per-token cosine of ``last_hidden_state`` vs the torch reference (min / mean), the mean-pooled
 sentence-embedding cosine min, and the same on held-out sentences the recipe never saw (the
-smoothing scales and the auto choice use the converter's samples only). ``--quick`` skips the
+smoothing scales use the converter's samples only). ``--quick`` skips the
 slow/negative rows (weight-only MatMulNBits, static QDQ).
 """
 
@@ -156,15 +156,17 @@ def main() -> None:
         recipes = [  # label, builder
             ("FP32", lambda: fp32),
             ("dyn per-tensor U8S8", lambda: qd(fp32, "", per_channel=False)),
-            ("dyn per-channel U8S8 (old default)", lambda: plugin(smooth=False, weight_type="int8")),
+            ("dyn per-channel U8S8 symmetric", lambda: plugin(smooth=False, weight_symmetric=True)),
             ("dyn per-channel U8S8 reduce_range", lambda: qd(fp32, "", reduce_range=True)),
             ("dyn per-channel U8U8", lambda: plugin(smooth=False, weight_type="uint8")),
+            ("dyn per-channel U8S8 asymmetric", lambda: plugin(smooth=False)),
             ("dyn per-channel U8S8 ActivationSymmetric", lambda: qd(fp32, "", extra_options={"ActivationSymmetric": True})),
             ("dyn per-channel U8S8, layer.0 attn-out dense float (best single node)",
              lambda: qd(fp32, "", nodes_to_exclude=[n for n in names if "layer.0/attention/output/dense" in n])),
-            ("smooth 0.75 + dyn per-channel U8S8", lambda: plugin(weight_type="int8")),
-            ("smooth 0.75 + dyn per-channel U8U8 (NEW DEFAULT, auto)", lambda: plugin()),
-            ("smooth 0.7 + dyn per-channel U8U8", lambda: plugin(weight_type="uint8", smooth_alpha=0.7)),
+            ("smooth 0.75 + dyn per-channel U8S8 symmetric", lambda: plugin(weight_symmetric=True)),
+            ("smooth 0.75 + dyn per-channel U8U8", lambda: plugin(weight_type="uint8")),
+            ("smooth 0.75 + dyn per-channel U8S8 asymmetric (DEFAULT)", lambda: plugin()),
+            ("smooth 0.7 + dyn per-channel U8S8 asymmetric", lambda: plugin(smooth_alpha=0.7)),
         ]
         if not args.quick:
             recipes += [
