@@ -165,8 +165,9 @@ def main() -> None:
              lambda: qd(fp32, "", nodes_to_exclude=[n for n in names if "layer.0/attention/output/dense" in n])),
             ("smooth 0.75 + dyn per-channel U8S8 symmetric", lambda: plugin(weight_symmetric=True)),
             ("smooth 0.75 + dyn per-channel U8U8", lambda: plugin(weight_type="uint8")),
-            ("smooth 0.75 + dyn per-channel U8S8 asymmetric (DEFAULT)", lambda: plugin()),
-            ("smooth 0.7 + dyn per-channel U8S8 asymmetric", lambda: plugin(smooth_alpha=0.7)),
+            ("smooth 0.75 + dyn per-channel U8S8 asymmetric", lambda: plugin(weight_type="int8")),
+            ("DEFAULT: smooth 0.75 + asymmetric weights, auto int8/uint8", lambda: plugin()),
+            ("smooth 0.7 + dyn per-channel U8S8 asymmetric", lambda: plugin(weight_type="int8", smooth_alpha=0.7)),
         ]
         if not args.quick:
             recipes += [

@@ -1,8 +1,8 @@
 """Dynamic INT8 quantization (weights INT8 ahead of time, activations quantized at run time).
 
-Default recipe (measured on all-MiniLM-L6-v2, batch 8 x 128, 2 threads, AVX2 CPU, ORT 1.32;
-see ``scripts/bench/int8_recipe.py``): per-token cosine min 0.97 -> 0.994 (0.991 on held-out
-sentences), 0.255x the FP32 bytes, ~0.4x FP32 latency.
+Default recipe (measured on all-MiniLM-L6-v2, batch 8 x 128, 2 threads, ORT 1.32; see
+``scripts/bench/int8_recipe.py``): per-token cosine min 0.97 -> 0.994 (0.991 on held-out
+sentences), 0.256x the FP32 bytes, ~0.4x FP32 latency on a VNNI CPU.
 
 1. **Activation smoothing** (SmoothQuant, folded into the graph; exact in float). Dynamic
    quantization uses one scale per activation tensor, and transformer activations have a few
@@ -16,9 +16,16 @@ sentences), 0.255x the FP32 bytes, ~0.4x FP32 latency.
    on held-out text (0.6: 0.977, 0.7: 0.990, 0.75: 0.991, 0.8: 0.986, 1.0: 0.95 per-token min).
 2. **Per-channel weights**; per-tensor (``per_channel: false``) loses far more.
 3. **Asymmetric int8 weights** (a zero point per output channel). Smoothing makes weight
-   columns lopsided, and symmetric int8 spends half its levels on the empty side: MiniLM
-   per-token min 0.988 symmetric, 0.994 asymmetric, at the same speed (the U8S8 kernel).
-   uint8 weights (U8U8) reach the same fidelity but run at ~0.95x FP32 latency on AVX2.
+   columns lopsided, and symmetric int8 spends half its levels on the empty side: MiniLM on an
+   Intel Xeon with AVX-512 VNNI, per-token min 0.988 symmetric, 0.994 asymmetric, at the same
+   speed (ORT's U8S8 kernel, 0.42x FP32). uint8 weights (U8U8) reach the same fidelity but run
+   at ~1.0x FP32 latency there.
+4. **Weight type checked by measurement** (``weight_type: auto``). On AVX2 CPUs without VNNI
+   ORT's U8S8 kernel sums pairs of uint8 x int8 products in int16 and saturates (measured on
+   an AMD EPYC: symmetric int8 weights 0.982 per-token min, 0.66x FP32; uint8 weights 0.9935,
+   0.81x). ``auto`` builds the int8 model, keeps it if its per-vector cosine min against the
+   float model on ``request.samples`` reaches ``target_cosine``, else also builds the uint8
+   model and keeps whichever is closer. On a VNNI CPU the first build passes: one build.
 
 Parameters (all optional):
   per_channel: bool = true        per-output-channel weight scales
@@ -26,11 +33,13 @@ Parameters (all optional):
   smooth: bool = true             step 1; skipped (as if false) for models above 1.8 GB or
                                   without MatMul weights; needs request.samples
   smooth_alpha: float = 0.75      migration strength, 0..1
-  weight_type: str = "int8"       "int8" | "uint8"
+  weight_type: str = "auto"       "auto" | "int8" | "uint8" (step 4)
   weight_symmetric: bool = false  step 3; true gives ORT's default symmetric int8 weights
+  target_cosine: float = 0.99     the cosine min ``auto`` accepts int8 weights at
 
-The chosen settings are written into the model's metadata (``modelyard.int8.*``). Cost on
-MiniLM (90 MB, 2 cores): one float run for the activation peaks and one quantization, ~5-8 s.
+The chosen settings and the measured cosine are written into the model's metadata
+(``modelyard.int8.*``). Cost on MiniLM (90 MB, 2 cores): one float run for the activation
+peaks, then one quantize+run round (two where step 4 falls back), ~5-15 s in all.
 
 Scratch files. Measured with onnxruntime 1.32 / onnx 1.23 and absolute paths, the quantizer
 writes nothing into the process cwd, but it does write ``<name>-inferred.onnx`` beside the
@@ -60,8 +69,9 @@ PARAMS = {
     "smooth_alpha": float,
     "weight_type": str,
     "weight_symmetric": bool,
+    "target_cosine": float,
 }
-WEIGHT_TYPES = ("int8", "uint8")
+WEIGHT_TYPES = ("auto", "int8", "uint8")
 SMOOTH_CLIP = (1e-2, 1e2)
 
 
@@ -226,6 +236,13 @@ def _smooth(model: Path, target: Path, samples, alpha: float) -> Path | None:
     return target
 
 
+def _cosine_min(model: Path, samples, reference) -> float:
+    from worker.fidelity import compare
+    from worker.runtime import load_session
+
+    return float(compare(reference, load_session(model).run(samples))["cosine_min"])
+
+
 def _set_metadata(model: Path, values: dict) -> None:
     import onnx
 
@@ -246,12 +263,12 @@ class Int8Dynamic(Optimizer):
     def optimize(self, request: OptimizeRequest) -> Path:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        from worker.runtime import PROTO_LIMIT, check_loads, model_bytes
+        from worker.runtime import PROTO_LIMIT, check_loads, load_session, model_bytes
 
         raw = {k: float(v) if PARAMS.get(k) is float and type(v) is int else v for k, v in request.params.items()}
         params = check_params(self.name, raw, PARAMS)
         per_channel = params.get("per_channel", True)
-        weight_type = params.get("weight_type", "int8")
+        weight_type = params.get("weight_type", "auto")
         if weight_type not in WEIGHT_TYPES:
             raise UserInputError(
                 f"optimize variant {self.name}: weight_type must be one of {', '.join(WEIGHT_TYPES)}, got {weight_type!r}"
@@ -260,45 +277,68 @@ class Int8Dynamic(Optimizer):
         if not 0.0 <= alpha <= 1.0:
             raise UserInputError(f"optimize variant {self.name}: smooth_alpha must be within 0..1, got {alpha}")
         symmetric = params.get("weight_symmetric", False)
+        target_cosine = params.get("target_cosine", 0.99)
         samples = request.samples or None
         workdir = Path(request.workdir).absolute()
         output = workdir / "model.onnx"
         scratch = workdir / ".int8-scratch"
         shutil.rmtree(scratch, ignore_errors=True)
-        meta: dict = {
-            "per_channel": per_channel,
-            "weight_type": weight_type,
-            "weight_symmetric": symmetric,
-            "smooth_alpha": "off",
-        }
+        meta: dict = {"per_channel": per_channel, "weight_symmetric": symmetric, "smooth_alpha": "off"}
         try:
             source = stage_copy(Path(request.model).absolute(), scratch / "input")
             source = _typed_for_contrib_ops(source, scratch / "typed" / "model.onnx")
             large = model_bytes(source) > PROTO_LIMIT
+            reference = None
+            if weight_type == "auto" and samples is not None and not large:
+                try:
+                    reference = load_session(source).run(samples)
+                except UserInputError:
+                    reference = None
             if params.get("smooth", True) and samples is not None and not large:
                 smoothed = _smooth(source, scratch / "smooth" / "model.onnx", samples, alpha)
                 if smoothed is not None:
                     source = smoothed
                     meta["smooth_alpha"] = alpha
             logging.getLogger().addFilter(_drop_preprocess_hint)
-            output.unlink(missing_ok=True)
-            output.with_name(output.name + ".data").unlink(missing_ok=True)
-            with working_directory(scratch) if large else contextlib.nullcontext():
-                try:
-                    quantize_dynamic(
-                        model_input=str(source),
-                        model_output=str(output),
-                        per_channel=per_channel,
-                        reduce_range=params.get("reduce_range", False),
-                        weight_type=QuantType.QUInt8 if weight_type == "uint8" else QuantType.QInt8,
-                        use_external_data_format=large,
-                        extra_options={"WeightSymmetric": symmetric},
-                    )
-                except Exception as exc:  # noqa: BLE001
-                    message = " ".join(str(exc).split())[:300]
-                    raise UserInputError(
-                        f"int8-dynamic could not quantize {Path(request.model).name}: {type(exc).__name__}: {message}"
-                    ) from None
+
+            def build(kind: str, target: Path) -> Path:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.unlink(missing_ok=True)
+                target.with_name(target.name + ".data").unlink(missing_ok=True)
+                with working_directory(scratch) if large else contextlib.nullcontext():
+                    try:
+                        quantize_dynamic(
+                            model_input=str(source),
+                            model_output=str(target),
+                            per_channel=per_channel,
+                            reduce_range=params.get("reduce_range", False),
+                            weight_type=QuantType.QUInt8 if kind == "uint8" else QuantType.QInt8,
+                            use_external_data_format=large,
+                            extra_options={"WeightSymmetric": symmetric},
+                        )
+                    except Exception as exc:  # noqa: BLE001
+                        message = " ".join(str(exc).split())[:300]
+                        raise UserInputError(
+                            f"int8-dynamic could not quantize {Path(request.model).name}: "
+                            f"{type(exc).__name__}: {message}"
+                        ) from None
+                return target
+
+            if weight_type != "auto" or reference is None:  # nothing to measure: int8, the fast kernel
+                kind = "int8" if weight_type == "auto" else weight_type
+                build(kind, output)
+                meta["weight_type"] = kind if weight_type != "auto" else "int8 (auto, unmeasured)"
+            else:
+                candidates = {}
+                for kind in ("int8", "uint8"):  # int8 first: the fast kernel, kept where it is close enough
+                    path = build(kind, scratch / kind / "model.onnx")
+                    candidates[kind] = (_cosine_min(path, samples, reference), path)
+                    if kind == "int8" and candidates[kind][0] >= target_cosine:
+                        break
+                kind = max(candidates, key=lambda k: (candidates[k][0], k == "int8"))
+                shutil.move(str(candidates[kind][1]), str(output))
+                meta["weight_type"] = f"{kind} (auto)"
+                meta["cosine_min_vs_float"] = ", ".join(f"{k} {v[0]:.4f}" for k, v in candidates.items())
             if not large:
                 _set_metadata(output, meta)
         finally:
