@@ -219,7 +219,7 @@ def build_chain(spec: JobSpec, job_id: str):
         ids = [BASELINE, *spec.optimize.ids]
         variants = [
             app.signature("modelyard.optimize", kwargs={**common, "variant": v},
-                          queue=queue_for(spec, "optimize", v),
+                          queue=queue_for(spec, "optimize", v), ignore_result=False,  # joined by the chord
                           **shown(job_id, name, "optimize", v, "converted model"))
             for v in ids
         ]

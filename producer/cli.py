@@ -250,7 +250,7 @@ def worker(
         if gpus:
             err.print(f"gpu pool: {len(gpus)} worker process(es), one per GPU ({', '.join(gpus)})", highlight=False)
     args = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", pool, "-n", name or f"{pool}@%h",
-            "-c", str(concurrency), f"--loglevel={loglevel}", "-E"]
+            "-c", str(concurrency), f"--loglevel={loglevel}"]
     if pool == "gpu":
         args.append(f"--max-tasks-per-child={recycle_after}")
     os.execv(sys.executable, args)

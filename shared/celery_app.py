@@ -24,6 +24,10 @@ def delivery_config(settings: Settings, broker_url: str) -> dict:
         "result_backend": broker_url,
         "task_serializer": "json",
         "result_serializer": "json",
+        # Nothing reads a stage's Celery result: chain steps get their input in the message, job
+        # state lives in the JobStore. Only the optimize variants of a chord header store theirs
+        # (producer.api.build_chain sets ignore_result=False on them) so the chord can join.
+        "task_ignore_result": True,
         "event_serializer": "json",
         "accept_content": ["json"],
         "result_accept_content": ["json"],
@@ -49,8 +53,11 @@ def delivery_config(settings: Settings, broker_url: str) -> dict:
         # No STARTED write to the result backend (a GET and a SET + PUBLISH per task): nothing reads a
         # task's Celery state (the job record says what runs), and Flower sees task-started events.
         "task_track_started": False,
-        "task_send_sent_event": True,
-        "worker_send_task_events": True,
+        # Task events cost the worker's main process a publish per event (3 per task): sent only
+        # while a monitor asked for them (Flower broadcasts enable_events every 5 s) unless
+        # MODELYARD_TASK_EVENTS=true. Worker heartbeats, which show workers online, are always sent.
+        "task_send_sent_event": settings.task_events,
+        "worker_send_task_events": settings.task_events,
         "result_extended": True,
         "result_expires": 7 * 24 * 3600,
         "worker_hijack_root_logger": False,

@@ -1,8 +1,8 @@
 """The two Celery apps of the queue benchmark (``scripts/bench/queue_throughput.py``).
 
 * ``app``: modelyard's own Celery app (``worker.app``, built by ``shared.celery_app.make_celery``:
-  JSON only, acks_late, reject on worker lost, prefetch 1, Redis result backend, task events,
-  the cpu/gpu queues) with one more task, ``bench.noop_stage``, on the same ``StageTask`` base as
+  JSON only, acks_late, reject on worker lost, prefetch 1, Redis result backend, task events
+  on demand, the cpu/gpu queues) with one more task, ``bench.noop_stage``, on the same ``StageTask`` base as
   the real stages: cancellation check, redelivery count, job state RUNNING, the stage record
   written as running and then as done — everything ``StageTask.run_stage`` does around a stage —
   and a stage body that does nothing.

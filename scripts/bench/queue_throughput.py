@@ -5,7 +5,8 @@
 
 N no-op stage messages (2,000; quick 300) through modelyard's Celery app with its real
 settings (acks_late, prefetch 1, JSON, routed to the cpu queue, Redis result backend, task
-events, and the job bookkeeping that ``StageTask.run_stage`` does around every stage), against
+events off until a monitor turns them on, as with no Flower running, and the job bookkeeping
+that ``StageTask.run_stage`` does around every stage), against
 a bare Celery app with Celery's defaults; same Redis server (db 0 and db 1), same worker count
 and concurrency, same log level, both workers running throughout, sides alternating per
 repetition. Throughput = N / (first message sent .. last message done); see
@@ -24,6 +25,7 @@ import common
 from common import Stat
 
 QUEUE_APP = "scripts.bench.queue_app"
+STAGES_PER_JOB = 8
 
 
 def run_side(stack, side: str, messages: int, timeout: float) -> dict:
@@ -36,12 +38,14 @@ def run_side(stack, side: str, messages: int, timeout: float) -> dict:
 
         app = _celery(stack.url(0))
         jobs = JobStore.from_url(stack.url(0))
-        job_id = f"bench{run}"
-        jobs.create(job_id, {"model": "bench", "spec": {}})
+        # Like real jobs: each message is a distinct (job, stage) pair, a job has STAGES_PER_JOB
+        # stages, and the stage names (metric labels) repeat across jobs. Jobs are made untimed.
+        for j in range(-(-messages // STAGES_PER_JOB)):
+            jobs.create(f"bench{run}-{j}", {"model": "bench", "spec": {}})
         client = jobs.redis
 
         def send(i: int) -> None:
-            stage = f"noop:{i}"
+            job_id, stage = f"bench{run}-{i // STAGES_PER_JOB}", f"noop:{i % STAGES_PER_JOB}"
             app.send_task("bench.noop_stage", kwargs={"job_id": job_id, "model": "bench", "stage": stage, "run": run},
                           queue="cpu")
     else:
@@ -66,11 +70,14 @@ def run_side(stack, side: str, messages: int, timeout: float) -> dict:
         time.sleep(0.005)
     wall = time.perf_counter() - started
     if side == "modelyard":
-        record = jobs.get(job_id)
-        done = sum(1 for s in record["stages"].values() if s.get("state") == "done")
-        if done != messages or record["state"] != "RUNNING":
-            raise RuntimeError(f"job bookkeeping incomplete: {done} of {messages} stages done, state {record['state']}")
-        jobs.delete(job_id)
+        done, states = 0, set()
+        for j in range(-(-messages // STAGES_PER_JOB)):
+            record = jobs.get(f"bench{run}-{j}")
+            done += sum(1 for s in record["stages"].values() if s.get("state") == "done")
+            states.add(record["state"])
+            jobs.delete(f"bench{run}-{j}")
+        if done != messages or states != {"RUNNING"}:
+            raise RuntimeError(f"job bookkeeping incomplete: {done} of {messages} stages done, states {states}")
     return {"wall_s": wall, "send_s": sent, "per_s": messages / wall}
 
 
@@ -92,7 +99,7 @@ def main() -> None:
                  "bare": [f"barebench{i}@{HOST}" for i in range(args.workers)]}
         for name in names["modelyard"]:
             stack.celery_worker(name, QUEUE_APP, queue="cpu", concurrency=args.concurrency,
-                                loglevel=args.loglevel, events=True)  # -E, as `modelyard worker` runs it
+                                loglevel=args.loglevel, events=False)  # as `modelyard worker` runs it
         for name in names["bare"]:
             stack.celery_worker(name, f"{QUEUE_APP}:bare", queue="celery", concurrency=args.concurrency,
                                 loglevel=args.loglevel, events=False)

@@ -72,6 +72,7 @@ class Flower:
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True)
         self.wait_until(lambda: self.get("/healthcheck", auth=False) == "OK", "answered /healthcheck")
+        self.started = time.monotonic()  # its enable_events timer runs from here
 
     def stop(self) -> None:
         """SIGTERM: Flower saves its state to the db on the way out."""
@@ -131,6 +132,9 @@ def flower(cluster, service_env, tmp_path_factory):
         # Heartbeats from both pools prove Flower receives events before the demo job is sent.
         workers = {f"cpu@{HOST}", f"gpu@{HOST}"}
         flower.wait_until(lambda: workers <= flower.online_workers(), f"saw workers {workers} online")
+        # Workers send task events only once a monitor asks (MODELYARD_TASK_EVENTS is off): Flower
+        # broadcasts enable_events every 5 s from its start, so give its first broadcast time to land.
+        time.sleep(max(0.0, flower.started + 6.5 - time.monotonic()))
         yield flower
     finally:
         flower.stop()

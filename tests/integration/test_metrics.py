@@ -37,7 +37,7 @@ from worker import metrics
 app = make_celery(Settings())
 
 
-@app.task(name="probe.stage")
+@app.task(name="probe.stage", ignore_result=False)
 def stage(variant="fp16", hit=False, seconds=0.2, nbytes=0):
     with metrics.track_stage(f"optimize:{variant}", "cpu"):
         metrics.cache_lookup(f"optimize:{variant}", hit)
@@ -46,7 +46,7 @@ def stage(variant="fp16", hit=False, seconds=0.2, nbytes=0):
     return os.getpid()
 
 
-@app.task(name="probe.fail")
+@app.task(name="probe.fail", ignore_result=False)
 def fail():
     with metrics.track_stage("convert", "cpu"):
         raise RuntimeError("boom")
