@@ -5,9 +5,10 @@
 Uploads and downloads one file of random bytes (1,000 MB; quick 100 MB) through a
 gcp-storage-emulator (in memory) that the benchmark starts:
 
-* modelyard: ``GCSStore.put_file`` (sha256 of the file, existence check, resumable upload in
-  8 MiB chunks with crc32c) then ``GCSStore.get_file`` (streamed download checked against
-  crc32c, then the sha256 verified, then renamed into place);
+* modelyard: ``GCSStore.put_file`` (sha256 and crc32c of the file, existence check, a
+  resumable session whose bytes are streamed from the file in one request) then
+  ``GCSStore.get_file`` (streamed download in 1 MiB reads hashed as it is written, the sha256
+  verified, then renamed into place);
 * raw: ``blob.upload_from_filename`` then ``blob.download_to_filename`` with the client's
   defaults (resumable upload in 100 MiB chunks).
 

@@ -1,11 +1,14 @@
 """``gs://bucket/prefix`` backend: Google Cloud Storage through the official client.
 
-Large files go up as streamed resumable uploads, ``chunk_size`` bytes per request (about twice
-that in memory), with a crc32c the server checks before it finalizes the object; GCS makes an
-object visible only once its upload completes, so a reader never sees a partial object.
-Downloads stream to the destination file and are checked against the server's crc32c; a blob's
-sha256 is computed from the same stream as it is written (the caller compares it with the blob's
-name), so the file is not read a second time. Compare-and-swap writes use ``if_generation_match``.
+Files above ``single_request_max`` go up as a resumable upload session whose bytes are streamed
+from the file in one request (no chunk held in memory; after a broken connection the session is
+asked how much it has and the rest is sent), with a crc32c in the session's metadata that the
+server checks before it finalizes the object. GCS makes an object visible only once its upload
+completes, so a reader never sees a partial object. Smaller files go in one multipart request.
+Blob downloads stream to the destination file, and their sha256 is computed from the same
+stream as it is written (the caller compares it with the blob's name, which checks the bytes
+end to end), so the file is not read a second time; other downloads are checked against the
+server's crc32c. Compare-and-swap writes use ``if_generation_match``.
 
 Set ``STORAGE_EMULATOR_HOST`` to talk to an emulator (the client then uses anonymous
 credentials). ``MODELYARD_GCS_CREATE_BUCKET=1`` creates a missing bucket (tests, local use).
@@ -16,16 +19,18 @@ Celery prefork workers, inside the task or child process, not in the parent befo
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
 from urllib.parse import urlparse
 
 import google.auth.exceptions as auth_exceptions
 import requests
+import urllib3
 from google.api_core import exceptions as api_exceptions
 from google.cloud import storage
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
@@ -36,6 +41,7 @@ from shared.settings import get_settings
 from shared.storage.base import ArtifactStore, safe_relative
 
 CREATE_BUCKET_ENV = "MODELYARD_GCS_CREATE_BUCKET"
+DOWNLOAD_READ = 2**20  # bytes per read of a streamed download
 
 # Failures that may go away on their own: retried by the caller with backoff.
 _TRANSIENT = (
@@ -45,6 +51,8 @@ _TRANSIENT = (
     requests.exceptions.ConnectionError,
     requests.exceptions.Timeout,
     requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.ProtocolError,  # a streamed download cut off mid-body
+    urllib3.exceptions.ReadTimeoutError,
     auth_exceptions.TransportError,
     ConnectionError,
     TimeoutError,
@@ -53,11 +61,14 @@ _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 class GCSStore(ArtifactStore):
-    #: bytes per request of a resumable upload (a multiple of 256 KiB). An upload holds about
-    #: twice this in memory: the client keeps the previous request's body while reading the next.
-    #: 16 MiB: half the requests of 8 MiB (each one a round trip, and on the emulator a copy of
-    #: everything received so far) for a peak RSS growth of about 33 MB (32 MiB: about 67 MB).
-    chunk_size: int = 16 * 2**20
+    #: files up to this size go in one multipart request (held in memory); larger ones are
+    #: streamed. The client's own resumable upload reads ``chunk_size`` bytes into memory per
+    #: request (about twice that at peak) and pays a round trip per chunk (on the emulator also
+    #: a copy of everything received so far): 1 GB in 16 MiB chunks went up at a third of the
+    #: speed of the streamed single request, which holds no chunk in memory at all.
+    single_request_max: int = 8 * 2**20
+    #: attempts at one streamed upload (each resumes where the server's record of the session ends)
+    upload_attempts: int = 5
 
     def __init__(self, uri: str, *, client: storage.Client | None = None) -> None:
         parsed = urlparse(uri)
@@ -138,10 +149,63 @@ class GCSStore(ArtifactStore):
 
     # -- raw operations ---------------------------------------------------------------
     def _upload(self, key: str, source: Path) -> None:
-        blob = self.bucket.blob(self._name(key), chunk_size=self.chunk_size)
+        size = source.stat().st_size
         with self._errors(key):
-            # Objects are content addressed, so repeating the upload is safe: retry always.
-            blob.upload_from_filename(str(source), checksum="crc32c", retry=DEFAULT_RETRY)
+            if size <= self.single_request_max:
+                # Objects are content addressed, so repeating the upload is safe: retry always.
+                self.bucket.blob(self._name(key)).upload_from_filename(
+                    str(source), checksum="crc32c", retry=DEFAULT_RETRY
+                )
+            else:
+                self._upload_streamed(key, source, size)
+
+    def _upload_streamed(self, key: str, source: Path, size: int) -> None:
+        """One resumable session; the file is streamed in one PUT, resumed after a failure."""
+        blob = self.bucket.blob(self._name(key))
+        blob.crc32c = _crc32c_b64(source)  # the server refuses to finalize bytes that do not match
+        url = blob.create_resumable_upload_session(
+            content_type="application/octet-stream", size=size, client=self.client, checksum=None,
+            retry=DEFAULT_RETRY,
+        )
+        http = self.client._http  # the client's authorized requests session
+        offset, failure = 0, None
+        with open(source, "rb") as handle:
+            for attempt in range(self.upload_attempts):
+                if attempt:
+                    time.sleep(min(0.5 * 2**attempt, 8.0))
+                    try:
+                        offset = self._session_offset(http, url, size)
+                    except _TRANSIENT as exc:
+                        failure = exc
+                        continue
+                    if offset is None:  # complete: the previous attempt's reply was lost
+                        return
+                handle.seek(offset)
+                try:
+                    reply = http.put(url, data=handle, timeout=(30, 300), headers={
+                        "Content-Range": f"bytes {offset}-{size - 1}/{size}", "Content-Length": str(size - offset)})
+                except _TRANSIENT as exc:
+                    failure = exc
+                    continue
+                if reply.status_code in (200, 201):
+                    return
+                if reply.status_code == 308 or reply.status_code in _TRANSIENT_STATUS:
+                    failure = InvalidResponse(reply, f"upload interrupted (HTTP {reply.status_code})")
+                    continue
+                raise InvalidResponse(reply, f"upload refused (HTTP {reply.status_code}): {reply.text[:200]}")
+        raise TransientError(f"{self._where(key)}: upload did not complete in {self.upload_attempts} attempts "
+                             f"({_describe(failure) if failure else 'no reply'})")
+
+    @staticmethod
+    def _session_offset(http, url: str, size: int) -> int | None:
+        """Bytes the server holds for an upload session; None when the upload is complete."""
+        reply = http.put(url, data=b"", timeout=(30, 60), headers={"Content-Range": f"bytes */{size}"})
+        if reply.status_code in (200, 201):
+            return None
+        if reply.status_code != 308:
+            raise InvalidResponse(reply, f"upload session status: HTTP {reply.status_code}")
+        held = reply.headers.get("Range", "")  # "bytes=0-N", absent when nothing was stored
+        return int(held.rpartition("-")[2]) + 1 if held.startswith("bytes=0-") else 0
 
     def _download(self, key: str, dest: Path) -> None:
         # No chunk_size: a single streamed request, which the client checks against the
@@ -151,11 +215,24 @@ class GCSStore(ArtifactStore):
             blob.download_to_filename(str(dest), checksum="crc32c")
 
     def _download_digest(self, key: str, dest: Path) -> str:
+        """Stream a blob to dest in 1 MiB reads, hashing as it is written; returns the sha256.
+
+        The caller compares the sha256 with the blob's name, which checks the bytes end to end,
+        so no crc32c is computed here. (The client's own download reads 8 KiB at a time: at a
+        gigabyte that per-read overhead cost more than the hashing.)
+        """
         blob = self.bucket.blob(self._name(key))
-        with self._errors(key), open(dest, "wb") as out:
-            hashing = _HashingWriter(out)
-            blob.download_to_file(hashing, checksum="crc32c")
-        return hashing.hexdigest()
+        digest = hashlib.sha256()
+        with self._errors(key):
+            url = blob._get_download_url(self.client)
+            with self.client._http.get(url, stream=True, timeout=(30, 300)) as reply:
+                if reply.status_code != 200:
+                    raise InvalidResponse(reply, f"download: HTTP {reply.status_code}")
+                with open(dest, "wb") as out:
+                    for chunk in reply.raw.stream(DOWNLOAD_READ, decode_content=False):
+                        digest.update(chunk)
+                        out.write(chunk)
+        return digest.hexdigest()
 
     def _write_bytes(self, key: str, data: bytes, *, if_generation: int | None) -> int:
         blob = self.bucket.blob(self._name(key))
@@ -204,21 +281,15 @@ class GCSStore(ArtifactStore):
             pass
 
 
-class _HashingWriter:
-    """A write-only stream that hashes what it passes on. No ``seek``: a client that wanted to
-    rewrite what it wrote (it does so only for gzip-transcoded objects, which blobs never are)
-    fails instead of leaving a hash of bytes that are not in the file."""
+def _crc32c_b64(path: Path) -> str:
+    """The file's CRC32C as GCS writes it: base64 of the big-endian 32-bit value."""
+    import google_crc32c
 
-    def __init__(self, out: BinaryIO) -> None:
-        self._out = out
-        self._sha256 = hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self._sha256.update(data)
-        return self._out.write(data)
-
-    def hexdigest(self) -> str:
-        return self._sha256.hexdigest()
+    crc = google_crc32c.Checksum()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(4 * 2**20):
+            crc.update(chunk)
+    return base64.b64encode(crc.digest()).decode()
 
 
 def _describe(exc: BaseException) -> str:

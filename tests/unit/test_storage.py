@@ -18,9 +18,9 @@ import google.auth.exceptions as auth_exceptions
 import google_crc32c
 import pytest
 import requests
+import urllib3
 from google.api_core import exceptions as api_exceptions
 from google.cloud.storage import Blob
-from google.cloud.storage._media.requests import ResumableUpload
 from google.cloud.storage.exceptions import DataCorruption
 
 from shared.errors import IntegrityError, NotFound, PreconditionFailed, TransientError, UserInputError
@@ -314,22 +314,30 @@ def upload_paused_midway(store, key: str, data: bytes, tmp_path: Path):
     if is_gcs(store):
         source = tmp_path / "partial.bin"
         source.write_bytes(data)
+        data_bytes = data
         sent_one_chunk, resume = threading.Event(), threading.Event()
-        original = ResumableUpload.transmit_next_chunk
+        session = store.client._http
+        original = session.put
 
-        def transmit_then_hold(self, *args, **kwargs):
-            response = original(self, *args, **kwargs)
-            if not sent_one_chunk.is_set():
+        def put_then_hold(url, data=None, **kwargs):
+            # The first streamed PUT delivers one MiB, then stalls until the test resumes it and
+            # breaks off; the store then resumes the session. (Not a request held open mid-body:
+            # the emulator serves one request at a time.)
+            if hasattr(data, "read") and not sent_one_chunk.is_set():
+                size = len(data_bytes)
+                partial = original(url, data=data.read(MiB), timeout=60,
+                                   headers={"Content-Range": f"bytes 0-{MiB - 1}/{size}"})
+                assert partial.status_code == 308, partial.status_code
                 sent_one_chunk.set()
                 assert resume.wait(60), "the test never resumed the upload"
-            return response
+                raise requests.exceptions.ConnectionError("stalled upload broken off")
+            return original(url, data=data, **kwargs)
 
-        store.chunk_size = MiB
-        with mock.patch.object(ResumableUpload, "transmit_next_chunk", transmit_then_hold):
+        with mock.patch.object(session, "put", side_effect=put_then_hold):
             thread = threading.Thread(target=upload, args=(source,), daemon=True)
             thread.start()
             while not sent_one_chunk.wait(0.05):
-                assert thread.is_alive(), f"the upload ended without being sent in chunks: {errors}"
+                assert thread.is_alive(), f"the upload ended without being streamed: {errors}"
             try:
                 yield
             finally:
@@ -497,39 +505,117 @@ def test_gcs_412_when_object_already_holds_our_bytes_returns_its_generation(gcs_
     assert again == generation
 
 
-def test_gcs_large_upload_is_sent_in_chunk_size_pieces(gcs_store, tmp_path):
+def test_gcs_large_upload_is_one_streamed_request(gcs_store, tmp_path):
+    """Above 8 MiB: one resumable session, its bytes streamed from the file in one PUT (no chunk in memory)."""
     write_random_file(tmp_path / "big.bin", 9 * MiB)
-    gcs_store.chunk_size = MiB
 
     with http_spy(gcs_store) as spy:
-        gcs_store.put_file(tmp_path / "big.bin")
+        ref = gcs_store.put_file(tmp_path / "big.bin")
 
     puts = [r for r in spied_requests(spy) if r["method"] == "PUT"]
-    assert len(puts) == 9
-    assert all(len(r["data"]) <= MiB for r in puts)
+    assert len(puts) == 1
+    assert hasattr(puts[0]["data"], "read")  # a file handle, not bytes read into memory
+    assert puts[0]["headers"]["Content-Range"] == f"bytes 0-{9 * MiB - 1}/{9 * MiB}"
+    gcs_store.get_file(ref, tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == (tmp_path / "big.bin").read_bytes()
 
 
-def test_gcs_upload_final_chunk_carries_crc32c_of_whole_file(gcs_store, tmp_path):
+def test_gcs_upload_session_carries_crc32c_of_whole_file(gcs_store, tmp_path):
     write_random_file(tmp_path / "big.bin", 9 * MiB)
     expected = google_crc32c.Checksum((tmp_path / "big.bin").read_bytes()).digest()
 
     with http_spy(gcs_store) as spy:
         gcs_store.put_file(tmp_path / "big.bin")
 
-    final = [r for r in spied_requests(spy) if r["method"] == "PUT"][-1]
-    headers = {k.lower(): v for k, v in final["headers"].items()}
-    assert headers.get("x-goog-hash") == "crc32c=" + base64.b64encode(expected).decode()
+    start = [r for r in spied_requests(spy) if r["method"] == "POST" and "uploadType=resumable" in r["url"]]
+    assert len(start) == 1
+    metadata = json.loads(start[0]["data"])
+    assert metadata["crc32c"] == base64.b64encode(expected).decode()
 
 
-def test_gcs_download_checksum_mismatch_raises_integrity_error(gcs_store, tmp_path):
+def test_gcs_upload_cut_midway_resumes_where_the_server_stopped(gcs_store, tmp_path):
+    """The first PUT delivers 4 MiB and then the connection breaks: the store asks the session how
+    much it holds and sends only the rest."""
+    size = 12 * MiB
+    write_random_file(tmp_path / "big.bin", size)
+    session = gcs_store.client._http
+    original, ranges = session.put, []
+
+    def put(url, data=None, **kwargs):
+        ranges.append(kwargs["headers"]["Content-Range"])
+        if len(ranges) == 1:
+            partial = original(url, data=data.read(4 * MiB), timeout=60,
+                               headers={"Content-Range": f"bytes 0-{4 * MiB - 1}/{size}"})
+            assert partial.status_code == 308
+            raise requests.exceptions.ConnectionError("connection reset by peer")
+        return original(url, data=data, **kwargs)
+
+    with mock.patch.object(session, "put", side_effect=put):
+        ref = gcs_store.put_file(tmp_path / "big.bin")
+
+    assert ranges == [f"bytes 0-{size - 1}/{size}", f"bytes */{size}", f"bytes {4 * MiB}-{size - 1}/{size}"]
+    gcs_store.get_file(ref, tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == (tmp_path / "big.bin").read_bytes()
+
+
+def test_gcs_upload_that_keeps_failing_raises_transient_error(gcs_store, tmp_path, monkeypatch):
+    write_random_file(tmp_path / "big.bin", 9 * MiB)
+    monkeypatch.setattr(gcs_store, "upload_attempts", 2)
+    monkeypatch.setattr("shared.storage.gcs.time.sleep", lambda s: None)
+    refused = requests.exceptions.ConnectionError(f"https://x?access_token={SECRET_UPLOAD}")
+
+    with mock.patch.object(gcs_store.client._http, "put", side_effect=refused):
+        with pytest.raises(TransientError, match="did not complete in 2 attempts") as caught:
+            gcs_store.put_file(tmp_path / "big.bin")
+
+    assert SECRET_UPLOAD not in str(caught.value)
+
+
+SECRET_UPLOAD = "ya29.UPLOAD-TOKEN"
+
+
+def _reply(status: int, stream=None) -> mock.MagicMock:
+    reply = mock.MagicMock(status_code=status, headers={})
+    reply.__enter__.return_value = reply
+    if stream is not None:
+        reply.raw.stream.side_effect = stream
+    return reply
+
+
+@pytest.mark.parametrize("status", [503, 500, 429])
+def test_gcs_blob_download_server_error_is_transient(gcs_store, tmp_path, status):
     source = tmp_path / "a.bin"
     source.write_bytes(b"payload")
     ref = gcs_store.put_file(source)
-    corrupt = DataCorruption(mock.Mock(status_code=200), "crc32c mismatch")
 
-    # download_to_file: get_file streams through it (download_to_filename calls it as well)
-    with mock.patch.object(Blob, "download_to_file", side_effect=corrupt), pytest.raises(IntegrityError):
-        gcs_store.get_file(ref, tmp_path / "out.bin")
+    with mock.patch.object(gcs_store.client._http, "get", return_value=_reply(status)):
+        with pytest.raises(TransientError, match=blob_key(ref.digest)):
+            gcs_store.get_file(ref, tmp_path / "out" / "a.bin")
+
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_gcs_blob_download_cut_midway_is_transient_and_leaves_no_file(gcs_store, tmp_path):
+    source = tmp_path / "a.bin"
+    source.write_bytes(b"payload")
+    ref = gcs_store.put_file(source)
+
+    def cut(*args, **kwargs):
+        yield b"pay"
+        raise urllib3.exceptions.ProtocolError("Connection broken: IncompleteRead")
+
+    with mock.patch.object(gcs_store.client._http, "get", return_value=_reply(200, cut)):
+        with pytest.raises(TransientError, match=blob_key(ref.digest)):
+            gcs_store.get_file(ref, tmp_path / "out" / "a.bin")
+
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_gcs_missing_blob_download_raises_not_found(gcs_store, tmp_path):
+    ref = FileRef(path="gone.bin", digest="0" * 64, size=3)
+
+    with pytest.raises(NotFound, match="does not exist"):
+        gcs_store.get_file(ref, tmp_path / "gone.bin")
 
 
 SECRET = "ya29.SECRET-TOKEN"
