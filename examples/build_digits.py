@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 INPUT = "pixels"  # the Keras input's name: the key of the inputs in samples.npz and eval.npz
+OUTPUT = "logits"  # the output layer's name
 TRAIN_ROWS = 1400  # of load_digits' 1797: the rest is held out
 
 
@@ -32,8 +33,8 @@ def held_out_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return x[train], y[train], x[test], y[test]
 
 
-def build(folder: Path, *, epochs: int = 6) -> float:
-    """Train, save the model and the two .npz files; returns Keras's accuracy on the held-out rows."""
+def train(*, epochs: int = 6):
+    """(the trained Keras model, held-out inputs, held-out labels). Also used by tests/digits.py."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
@@ -45,10 +46,16 @@ def build(folder: Path, *, epochs: int = 6) -> float:
         keras.layers.MaxPooling2D(),
         keras.layers.Conv2D(32, 3, activation="relu", padding="same"),
         keras.layers.Flatten(),
-        keras.layers.Dense(10, name="logits"),
+        keras.layers.Dense(10, name=OUTPUT),
     ])
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x_train, y_train, epochs=epochs, batch_size=32, verbose=0)
+    return model, x_test, y_test
+
+
+def build(folder: Path, *, epochs: int = 6) -> float:
+    """Train, save the model and the two .npz files; returns Keras's accuracy on the held-out rows."""
+    model, x_test, y_test = train(epochs=epochs)
     folder.mkdir(parents=True, exist_ok=True)
     model.save(folder / "digits.keras")
     np.savez(folder / "samples.npz", **{INPUT: x_test})

@@ -22,7 +22,7 @@ from shared.errors import UserInputError
 from shared.jobs import CANCELLED, TERMINAL, JobStore, new_job_id
 from shared.jobspec import BASELINE, JobSpec, load_job
 from shared.settings import Settings, get_settings
-from shared.storage import digest_of_files, open_store
+from shared.storage import ArtifactStore, digest_of_files, open_store
 
 
 
@@ -138,13 +138,28 @@ def submit(job_file: str | Path, *, settings: Settings | None = None) -> str:
     jobs = connect(settings)  # fail before uploading anything when Redis is down
 
     store = open_store(settings.resolved_artifact_store())
+    job_id = record(jobs, store, spec, source, samples_path=samples_path, eval_path=eval_path,
+                    distill_path=distill_path)
+    try:
+        result = build_chain(spec, job_id).apply_async()
+    except Exception as exc:  # nothing half-recorded: a job that was not enqueued does not exist
+        jobs.delete(job_id)
+        raise BrokerUnavailable(f"could not enqueue job: {exc}") from None
+    result_id = result.id
+    _forget_locally(result)
+    jobs.set_fields(job_id, result_id=result_id)
+    return job_id
+
+
+def record(jobs: JobStore, store: ArtifactStore, spec: JobSpec, source: Path, *, samples_path: Path | None = None,
+           eval_path: Path | None = None, distill_path: Path | None = None) -> str:
+    """Upload a job's inputs and write its record (not yet enqueued); returns the new job id."""
     files = store.put_dir(source) if source.is_dir() else [store.put_file(source)]
     if not files:
         raise UserInputError(f"model.source: {source} is an empty folder")
     samples = store.put_file(samples_path).to_dict() if samples_path else None
     eval_data = store.put_file(eval_path).to_dict() if eval_path else None
     distill_data = store.put_file(distill_path).to_dict() if distill_path else None
-
     job_id = new_job_id()
     jobs.create(job_id, {
         "spec": spec.model_dump(mode="json"),
@@ -157,14 +172,6 @@ def submit(job_file: str | Path, *, settings: Settings | None = None) -> str:
         "distill_data": distill_data,
         "queues": _plan(spec),
     })
-    try:
-        result = build_chain(spec, job_id).apply_async()
-    except Exception as exc:  # nothing half-recorded: a job that was not enqueued does not exist
-        jobs.delete(job_id)
-        raise BrokerUnavailable(f"could not enqueue job: {exc}") from None
-    result_id = result.id
-    _forget_locally(result)
-    jobs.set_fields(job_id, result_id=result_id)
     return job_id
 
 

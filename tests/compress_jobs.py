@@ -1,7 +1,7 @@
 """Run the compress stage outside Celery: a job record in the test Redis, the source in a file store.
 
-``record_job`` does what ``producer.api.submit`` does before enqueueing (upload the source and the
-distillation data, record the job), so a test can call ``run_compress`` in this process or in a
+``record_job`` records a job with ``producer.api.record``, as ``producer.api.submit`` does before
+enqueueing (upload the source and the distillation data, record the job), so a test can call ``run_compress`` in this process or in a
 subprocess it can kill. ``python -m tests.compress_jobs JOB_ID`` runs the stage for a recorded job
 (broker and store from the MODELYARD_* environment); ``--pause-after-epoch N`` stops it dead
 (sleeps) right after epoch N's checkpoint is stored, so a test can ``kill -9`` it there.
@@ -14,27 +14,16 @@ import json
 import time
 from pathlib import Path
 
-from shared.jobs import JobStore, new_job_id
+from producer import api
+from shared.jobs import JobStore
 from shared.jobspec import parse_job
 from shared.settings import Settings
-from shared.storage import digest_of_files, open_store
+from shared.storage import open_store
 
 
 def record_job(*, redis_url: str, store_uri: str, job_text: str, source: Path, data: Path | None) -> str:
-    spec = parse_job(job_text)
-    store = open_store(store_uri)
-    files = store.put_dir(source) if source.is_dir() else [store.put_file(source)]
-    job_id = new_job_id()
-    JobStore.from_url(redis_url).create(job_id, {
-        "spec": spec.model_dump(mode="json"),
-        "model": spec.model.name,
-        "artifact_store": store.uri,
-        "source": {"files": [f.to_dict() for f in files], "digest": digest_of_files(files),
-                   "is_folder": source.is_dir(), "path": str(source)},
-        "samples": None,
-        "distill_data": store.put_file(data).to_dict() if data else None,
-    })
-    return job_id
+    return api.record(JobStore.from_url(redis_url), open_store(store_uri), parse_job(job_text), source,
+                      distill_path=data)
 
 
 def context(job_id: str, settings: Settings | None = None):

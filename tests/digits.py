@@ -1,18 +1,29 @@
 """A small Keras CNN trained in seconds on scikit-learn's ``load_digits`` (8x8x1, 10 classes).
 
-Shared by the TensorFlow tests. Import TensorFlow only through ``train`` (it is heavy).
+The model and split are the digits example's (``examples/build_digits.py``). Shared by the
+TensorFlow tests. Import TensorFlow only through ``train`` (it is heavy).
 """
 
 from __future__ import annotations
 
-import os
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-INPUT = "pixels"
-OUTPUT = "logits"
+
+def _example():
+    """examples/build_digits.py, loaded from its file (examples/ is a folder of scripts, not a package)."""
+    path = Path(__file__).resolve().parent.parent / "examples" / "build_digits.py"
+    spec = importlib.util.spec_from_file_location("modelyard_example_build_digits", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+example = _example()
+INPUT, OUTPUT = example.INPUT, example.OUTPUT
 
 
 @dataclass
@@ -34,33 +45,8 @@ class Digits:
         return path
 
 
-def split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[..., None]
-    y = digits.target.astype(np.int64)
-    order = np.random.default_rng(seed).permutation(len(x))
-    train, test = order[:1400], order[1400:]
-    return x[train], y[train], x[test], y[test]
-
-
 def train(folder: Path, *, epochs: int = 6) -> Digits:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-
-    x_train, y_train, x_test, y_test = split()
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((8, 8, 1), name=INPUT),
-        keras.layers.Conv2D(16, 3, activation="relu", padding="same"),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(32, 3, activation="relu", padding="same"),
-        keras.layers.Flatten(),
-        keras.layers.Dense(10, name=OUTPUT),
-    ])
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x_train, y_train, epochs=epochs, batch_size=32, verbose=0)
+    model, x_test, y_test = example.train(epochs=epochs)
     path = Path(folder) / "digits.keras"
     model.save(path)
     logits = np.asarray(model.predict(x_test, verbose=0))

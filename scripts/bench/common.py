@@ -290,6 +290,20 @@ def optimum_version() -> str:
     return done.stdout.strip() or "unknown"
 
 
+def optimum_for(report: Report, skip: bool) -> Path | None:
+    """Optimum's CLI (set up on first use), its versions noted in the report; None, with the
+    reason noted, when skipped or when it cannot be installed."""
+    if skip:
+        return None
+    try:
+        cli = optimum_cli()
+    except OptimumUnavailable as exc:
+        report.notes.append(f"Optimum row skipped: {exc}")
+        return None
+    report.notes.append("Optimum: " + optimum_version())
+    return cli
+
+
 def run_checked(args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> float:
     """Run a command; its wall time in seconds, or RuntimeError with its output's tail."""
     started = time.perf_counter()

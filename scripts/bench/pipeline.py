@@ -53,13 +53,7 @@ def main() -> None:
     from services import HOST, Stack, fresh_store, job_yaml, minilm_dir, run_jobs, write_job
 
     source = minilm_dir()
-    optimum = None
-    if not args.skip_optimum:
-        try:
-            optimum = common.optimum_cli()
-            report.notes.append("Optimum: " + common.optimum_version())
-        except common.OptimumUnavailable as exc:
-            report.notes.append(f"Optimum row skipped: {exc}")
+    optimum = common.optimum_for(report, args.skip_optimum)
     sides = [s for s in SIDES if optimum or not s.startswith("Optimum")]
 
     with Stack.start() as stack:

@@ -46,13 +46,7 @@ def main() -> None:
     from worker.runtime import load_session
     from worker.stages.optimize import _model_files, gate_verdict, select
 
-    optimum = None
-    if not args.skip_optimum:
-        try:
-            optimum = common.optimum_cli()
-            report.notes.append("Optimum: " + common.optimum_version())
-        except common.OptimumUnavailable as exc:
-            report.notes.append(f"Optimum row skipped: {exc}")
+    optimum = common.optimum_for(report, args.skip_optimum)
 
     settings = Settings(bench_threads=args.threads, bench_runs=max(args.runs, 3))
     source = minilm_dir()
