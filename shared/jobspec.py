@@ -50,7 +50,8 @@ class ModelSpec(Strict):
     task: str | None = None
     inputs: list[TensorSpec] | None = None
     factory: str | None = Field(default=None, description="module:callable building a torch architecture")
-    samples: str | None = Field(default=None, description=".npz of sample inputs (keys are input names)")
+    samples: str | None = Field(default=None, description=".npz of sample inputs (keys are input names); "
+                                "for hf-transformers models also a .txt, one example per line")
     eval_data: str | None = Field(default=None, min_length=1,
                                   description=".npz of the model's inputs plus 'labels' (class ids): accuracy")
 
@@ -230,6 +231,9 @@ class JobSpec(Strict):
         if self.model.format not in registry.converters:
             known = ", ".join(sorted(registry.converters))
             raise ValueError(f"model.format {self.model.format!r} is not a known format (known: {known})")
+        if self.model.samples and self.model.samples.lower().endswith(".txt") and self.model.format != "hf-transformers":
+            raise ValueError(f"model.samples {self.model.samples}: text samples (.txt) are for format 'hf-transformers'; "
+                             f"give format {self.model.format!r} an .npz of its inputs")
         if self.compress and PRUNE_METHODS[self.compress.prune.method] != self.model.format:
             method = self.compress.prune.method
             raise ValueError(f"compress.prune.method {method!r} applies to format {PRUNE_METHODS[method]!r} models, "

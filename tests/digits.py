@@ -6,23 +6,14 @@ TensorFlow tests. Import TensorFlow only through ``train`` (it is heavy).
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from tests.examples import load
 
-def _example():
-    """examples/build_digits.py, loaded from its file (examples/ is a folder of scripts, not a package)."""
-    path = Path(__file__).resolve().parent.parent / "examples" / "build_digits.py"
-    spec = importlib.util.spec_from_file_location("modelyard_example_build_digits", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-example = _example()
+example = load("build_digits")
 INPUT, OUTPUT = example.INPUT, example.OUTPUT
 
 

@@ -234,9 +234,11 @@ def torch_cuda_figures(source: Path, task: str | None, samples: dict, reference:
     import transformers
 
     from worker.fidelity import compare
-    from worker.plugins.hf_transformers import TASKS, _load_model
+    from worker.plugins.hf_transformers import TASKS, _load_model, pooling_of, task_output
 
-    auto_name, output_name = TASKS.get(task or "feature-extraction", TASKS["feature-extraction"])
+    task = task if task in TASKS else "feature-extraction"
+    auto_name, output_name = TASKS[task]
+    pooling = pooling_of(Path(source), str(source)) if task == "sentence-embedding" else None
     model = _load_model(Path(source), getattr(transformers, auto_name), str(source)).to(device)
     feeds = {name: torch.from_numpy(np.ascontiguousarray(value)).to(device) for name, value in samples.items()}
     figures: dict[str, Any] = {"measures": TORCH_FALLBACK_MEASURES, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else device,
@@ -247,7 +249,7 @@ def torch_cuda_figures(source: Path, task: str | None, samples: dict, reference:
         with torch.inference_mode():
             for index in range(max(warmup, 1) + runs):
                 start = time.perf_counter()
-                out = getattr(model(**feeds, return_dict=True), output_name)
+                out = task_output(model, feeds, task, pooling)
                 if device == "cuda":
                     torch.cuda.synchronize()  # kernels are asynchronous: wait for them before reading the clock
                 if index >= max(warmup, 1):

@@ -25,7 +25,8 @@ pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 
-def _convert_request(source: Path, workdir: Path, *, fmt="hf-transformers", task="feature-extraction", samples=None):
+def _convert_request(source: Path, workdir: Path, *, fmt="hf-transformers", task="feature-extraction", samples=None,
+                     sample_text=None):
     from worker.plugins.base import ConvertRequest
 
     return ConvertRequest(
@@ -35,6 +36,7 @@ def _convert_request(source: Path, workdir: Path, *, fmt="hf-transformers", task
         workdir=workdir,
         settings=Settings(),
         samples=samples,
+        sample_text=sample_text,
     )
 
 
@@ -135,7 +137,7 @@ def test_convert_refuses_pickle_weights_and_unknown_task(tmp_path):
     converter = registry.converter("hf-transformers")
     with pytest.raises(UserInputError, match="pickle"):
         converter.convert(_convert_request(folder, tmp_path / "out"))
-    with pytest.raises(UserInputError, match="feature-extraction, text-classification"):
+    with pytest.raises(UserInputError, match="feature-extraction, sentence-embedding, text-classification"):
         converter.convert(_convert_request(folder, tmp_path / "out", task="translation"))
 
 
@@ -371,6 +373,83 @@ def test_onnx_passthrough_refuses_unsafe_external_data(tmp_path, location):
         registry.converter("onnx").convert(_convert_request(source, workdir, fmt="onnx", task=None))
     assert ("'..'" in str(info.value)) or ("absolute" in str(info.value)) or ("symlink" in str(info.value))
     assert list(workdir.iterdir()) == []
+
+
+# --- sentence embeddings and text samples ----------------------------------------------------
+
+LINES = ["A short one.", "The committee will publish its final report on the bridge collapse next month.",
+         "Why?", "Glaciers in the Alps have lost more than half their volume since 1900, scientists say."]
+
+
+def test_sentence_embedding_is_the_masked_mean_of_the_token_states_normalized(tmp_path):
+    """The pooled export against numpy pooling of the token-state export, on padded one-line rows."""
+    from worker.plugins import registry
+    from worker.runtime import load_session
+
+    source = Path(gt_minilm.get_model_path())
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "sentence").mkdir()
+    convert = registry.converter("hf-transformers").convert
+    sentence = convert(_convert_request(source, tmp_path / "sentence", task="sentence-embedding", sample_text=LINES))
+    mask = sentence.samples["attention_mask"]
+    assert sentence.samples["input_ids"].shape[0] == len(LINES) and (mask.sum(1) < mask.shape[1]).sum() == 3
+    assert [(t.name, t.shape) for t in sentence.outputs] == [("sentence_embedding", ["batch", 384])]
+    tokens = convert(_convert_request(source, tmp_path / "tokens", samples=sentence.samples))
+    hidden = load_session(tmp_path / "tokens" / tokens.model_file).run(sentence.samples)["last_hidden_state"]
+    mean = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    expected = mean / np.linalg.norm(mean, axis=1, keepdims=True)  # modules.json has a Normalize module
+    got = load_session(tmp_path / "sentence" / sentence.model_file).run(sentence.samples)["sentence_embedding"]
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    np.testing.assert_allclose(sentence.reference["sentence_embedding"], expected, atol=2e-5)
+    padded = dict(sentence.samples, input_ids=sentence.samples["input_ids"].copy())
+    padded["input_ids"][mask == 0] = 1000  # what sits under the padding does not matter
+    again = load_session(tmp_path / "sentence" / sentence.model_file).run(padded)["sentence_embedding"]
+    np.testing.assert_allclose(again, got, atol=1e-5)
+
+
+def test_text_samples_for_token_states_are_packed_without_padding(tmp_path):
+    from worker.plugins import registry
+
+    source = Path(gt_minilm.get_model_path())
+    result = registry.converter("hf-transformers").convert(
+        _convert_request(source, tmp_path, sample_text=LINES * 30))
+    ids = result.samples["input_ids"]
+    assert ids.shape[1] == 128 and ids.shape[0] >= 2 and result.samples["attention_mask"].all()
+    assert (ids[:, 0] == 101).all() and (ids[:, -1] == 102).all()  # [CLS] ... [SEP] in every row
+
+
+def test_line_rows_are_one_line_each_cut_at_the_sequence_and_padded():
+    from worker.plugins.hf_transformers import _tokenizer, line_rows
+
+    tokenizer = _tokenizer(Path(gt_minilm.get_model_path()))
+    rows = line_rows(tokenizer, ["Why?", "word " * 100, "Two words."], 16, ["input_ids", "attention_mask"], "x")
+    assert rows["input_ids"].shape == (3, 16) and rows["attention_mask"].sum(axis=1).tolist() == [4, 16, 5]
+    assert rows["input_ids"][:, 0].tolist() == [101] * 3 and rows["input_ids"][1, -1] == 102
+    assert (rows["input_ids"][rows["attention_mask"] == 0] == tokenizer.pad_token_id).all()
+    with pytest.raises(UserInputError, match="x: no line has any tokens"):
+        line_rows(tokenizer, [], 16, ["input_ids"], "x")
+
+
+def test_sentence_embedding_refuses_unsupported_sentence_transformers_modules(tmp_path):
+    import json
+    import shutil
+
+    from worker.plugins import registry
+
+    source = tmp_path / "model"
+    shutil.copytree(gt_minilm.get_model_path(), source)
+    modules = json.loads((source / "modules.json").read_text())
+    (source / "modules.json").write_text(json.dumps(
+        [*modules, {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}]))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UserInputError, match="Dense are not supported for task sentence-embedding"):
+        registry.converter("hf-transformers").convert(
+            _convert_request(source, tmp_path / "out", task="sentence-embedding"))
+    (source / "modules.json").write_text(json.dumps(modules))
+    (source / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_weightedmean_tokens": True}))
+    with pytest.raises(UserInputError, match="pooling_mode_weightedmean_tokens"):
+        registry.converter("hf-transformers").convert(
+            _convert_request(source, tmp_path / "out", task="sentence-embedding"))
 
 
 # --- fidelity ---------------------------------------------------------------------------------

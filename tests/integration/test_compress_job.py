@@ -1,4 +1,9 @@
-"""A job with compress + optimize + deploy through the queue: the student is gated against the teacher."""
+"""A job with compress + optimize + deploy through the queue: the student is gated against the teacher.
+
+MiniLM as a sentence encoder (task sentence-embedding: what all-MiniLM-L6-v2 is for) keeps 3 of its
+6 layers, is distilled on 10,000 generated sentences and must reach a cosine of 0.95 or more
+against the teacher's sentence embeddings on 64 held-out sentences of the same kind, as INT8.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +14,26 @@ import pytest
 
 from producer import api
 from shared.repository import ModelRepository
-from tests.data_gen import write_corpus
+from tests.data_gen import held_out, sentences
 
 pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 HOST = socket.gethostname()
-GATE = 0.6  # cosine_min per token vs the teacher; 0.95 is not reached on this budget (see the report)
+GATE = 0.95  # cosine_min of the INT8 student's sentence embeddings against the teacher's
 
 
 @pytest.fixture(scope="module")
 def compress_job(tmp_path_factory, minilm_dir) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("minilm-compress-job")
-    write_corpus(folder / "corpus.txt", 2000, seed=3)
+    corpus = sentences(10_000, seed=3)
+    (folder / "corpus.txt").write_text("\n".join(corpus) + "\n")
+    (folder / "held-out.txt").write_text("\n".join(held_out(corpus, 64)) + "\n")
     job = folder / "minilm-student.yaml"
     job.write_text(f"""
-model: {{name: minilm-student, source: {minilm_dir}, format: hf-transformers, task: feature-extraction}}
+model: {{name: minilm-student, source: {minilm_dir}, format: hf-transformers, task: sentence-embedding,
+        samples: ./held-out.txt}}
 compress:
-  prune: {{method: layers, keep: 5}}
-  distill: {{data: ./corpus.txt, epochs: 1, batch_size: 16, lr: 2.0e-4}}
+  prune: {{method: layers, keep: 3}}
+  distill: {{data: ./corpus.txt, epochs: 2, batch_size: 64, lr: 2.0e-4}}
 convert: {{to: onnx, opset: 17}}
 optimize:
   variants: [int8-dynamic]
@@ -47,8 +55,8 @@ def test_compressed_student_passes_the_teacher_gate_and_is_deployed(compress_res
     job = compress_result
     assert job["state"] == "SUCCEEDED", job.get("error")
     table = {row["variant"]: row for row in job["stages"]["select"]["table"]}
-    print(f"\nvs teacher: fp32 student cosine_min {table['fp32']['cosine_min']:.4f}, "
-          f"int8 student cosine_min {table['int8-dynamic']['cosine_min']:.4f}")
+    print(f"\nsentence embeddings vs the teacher's, 64 held-out sentences: fp32 student cosine_min "
+          f"{table['fp32']['cosine_min']:.4f}, int8 student {table['int8-dynamic']['cosine_min']:.4f}")
     assert job["result"]["variant"] == "int8-dynamic"
     assert table["int8-dynamic"]["cosine_min"] >= GATE
     _, repo_dir = compress_job
@@ -61,7 +69,8 @@ def test_compress_runs_on_the_gpu_pool_before_convert_and_records_its_training(c
     stages = compress_result["stages"]
     compress = stages["compress"]
     assert compress["state"] == "done" and compress["worker"] == f"gpu@{HOST}"
-    assert compress["metrics"]["distill"]["history"][-1]["epoch"] == 1
+    assert compress["metrics"]["distill"]["history"][-1]["epoch"] == 2
+    assert compress["metrics"]["parameters"]["student_encoder"] < 0.55 * compress["metrics"]["parameters"]["teacher_encoder"]
     assert compress["progress"]["step"] == compress["progress"]["steps"]
     assert compress_result["queues"]["compress"] == "gpu"
     assert list(compress_result["queues"])[:2] == ["compress", "convert"]

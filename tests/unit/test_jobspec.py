@@ -46,6 +46,8 @@ def test_defaults_fill_what_a_minimal_job_leaves_out():
         ("model: {name: m, source: m.onnx, format: onnx}\noptimize: {variants: []}", "optimize.variants"),
         ("model: {name: m, format: onnx}", "model.source"),
         ("model: [1, 2]", "model"),
+        ("model: {name: m, source: m.onnx, format: onnx, samples: s.txt}",
+         "text samples (.txt) are for format 'hf-transformers'"),
     ],
 )
 def test_bad_job_files_name_the_field_that_is_wrong(text, named):

@@ -50,12 +50,27 @@ class DistillConfig:
 
 
 def batches(data: Arrays, batch_size: int, *, seed: int | None) -> Iterator[Arrays]:
-    """Rows of every array in data, batch_size at a time; shuffled with seed (None: in order)."""
+    """Rows of every array in data, batch_size at a time; shuffled with seed (None: in order).
+
+    With a 2-D ``attention_mask`` (padded text rows), each batch is cut to its longest row: the
+    columns past it are padding in every row of the batch.
+    """
     count = len(next(iter(data.values())))
     order = np.arange(count) if seed is None else np.random.default_rng(seed).permutation(count)
     for start in range(0, count, batch_size):
         index = order[start:start + batch_size]
-        yield {name: array[index] for name, array in data.items()}
+        yield _trim({name: array[index] for name, array in data.items()})
+
+
+def _trim(batch: Arrays) -> Arrays:
+    mask = batch.get("attention_mask")
+    if mask is None or mask.ndim != 2 or not mask.size:
+        return batch
+    used = np.flatnonzero(mask.any(axis=0))
+    width = int(used[-1]) + 1 if used.size else 1
+    if width == mask.shape[1]:
+        return batch
+    return {name: a[:, :width] if a.ndim >= 2 and a.shape[:2] == mask.shape else a for name, a in batch.items()}
 
 
 def steps_per_epoch(data: Arrays, batch_size: int) -> int:

@@ -45,27 +45,26 @@ def load(folder: Path, task: str | None, source: str):
     return _load_model(folder, getattr(transformers, auto_name), source)
 
 
-def output_name(task: str | None) -> str:
-    from worker.plugins.hf_transformers import TASKS
-
-    return TASKS[task or "feature-extraction"][1]
-
-
 def objective(task: str | None) -> str:
     return "logits" if task == "text-classification" else "embedding"
 
 
-def forward_fn(task: str | None):
-    name = output_name(task)
+def forward_fn(task: str | None, pooling: dict | None = None):
+    """``forward(model, batch)``: the output the task exports, which distillation matches.
+
+    ``pooling`` (``worker.plugins.hf_transformers.pooling_of``) for task sentence-embedding.
+    """
+    from worker.plugins.hf_transformers import task_output
 
     def forward(model, batch: dict):
-        return getattr(model(**batch, return_dict=True), name)
+        return task_output(model, batch, task, pooling)
 
     return forward
 
 
 def mask_fn(task: str | None):
-    if objective(task) == "logits":
+    """The positions that count in forward's output: the real tokens of token states; None for one vector per row."""
+    if task in ("text-classification", "sentence-embedding"):
         return None
     return lambda batch: batch["attention_mask"]
 
@@ -112,28 +111,10 @@ def tokenizer_of(folder: Path, source: str):
 
 
 def text_rows(tokenizer, lines: list[str], sequence: int, input_names: list[str]) -> Arrays:
-    """Rows of exactly ``sequence`` tokens, [CLS] sentence sentence ... [SEP], no padding.
+    """One row per line, padded (``worker.compress.distill.batches`` trims each batch to its longest row)."""
+    from worker.plugins.hf_transformers import line_rows
 
-    The same packing the convert stage uses for its sample inputs, so the student is trained on
-    the kind of rows it is measured on. Sentences are packed in order; a sentence that does not
-    fit is cut and the rest of it starts the next row.
-    """
-    first = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    last = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    head, tail = [t for t in (first,) if t is not None], [t for t in (last,) if t is not None]
-    body = sequence - len(head) - len(tail)
-    stream: list[int] = []
-    for line in lines:
-        stream.extend(tokenizer.encode(line, add_special_tokens=False))
-    rows = [head + stream[i:i + body] + tail for i in range(0, len(stream) - body + 1, body)]
-    if not rows:
-        raise UserInputError(
-            f"compress.distill.data: {len(stream)} tokens in all, fewer than one row of {sequence}; "
-            "give more text or a smaller compress.distill.sequence"
-        )
-    ids = np.asarray(rows, dtype=np.int64)
-    arrays = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    return {name: arrays[name] for name in input_names}
+    return line_rows(tokenizer, lines, sequence, input_names, "compress.distill.data")
 
 
 def input_names(model) -> list[str]:
@@ -147,10 +128,11 @@ def input_names(model) -> list[str]:
 
 # -- pruning -------------------------------------------------------------------------------
 
-def prune(model, method: str, keep: float, probe: Arrays | None, task: str | None) -> dict:
+def prune(model, method: str, keep: float, probe: Arrays | None, task: str | None,
+          pooling: dict | None = None) -> dict:
     """Prune model in place into a smaller architecture; returns what was kept."""
     if method == "layers":
-        return _prune_layers(model, keep, probe, task)
+        return _prune_layers(model, keep, probe, task, pooling)
     if method == "ffn-neurons":
         return _prune_ffn(model, keep, probe)
     if method == "heads":
@@ -164,7 +146,7 @@ def _tensors(arrays: Arrays):
     return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
 
 
-def _set_layers(model, layers) -> None:
+def set_layers(model, layers) -> None:
     import torch
 
     encoder, _ = encoder_layers(model)
@@ -172,7 +154,7 @@ def _set_layers(model, layers) -> None:
     model.config.num_hidden_layers = len(layers)
 
 
-def _prune_layers(model, keep: float, probe: Arrays | None, task: str | None) -> dict:
+def _prune_layers(model, keep: float, probe: Arrays | None, task: str | None, pooling: dict | None) -> dict:
     import torch
 
     from worker.fidelity import cosines
@@ -183,14 +165,14 @@ def _prune_layers(model, keep: float, probe: Arrays | None, task: str | None) ->
     k = count(keep, total, "layers")
     if probe is None:
         kept = sorted({round(i * (total - 1) / (k - 1)) for i in range(k)}) if k > 1 else [total - 1]
-        _set_layers(model, [layers[i] for i in kept])
+        set_layers(model, [layers[i] for i in kept])
         return {"kept_layers": kept, "rule": "evenly spaced"}
-    forward, mask_of = forward_fn(task), mask_fn(task)
+    forward, mask_of = forward_fn(task, pooling), mask_fn(task)
     batch = _tensors(probe)
     keep_mask = mask_of(batch).numpy().reshape(-1).astype(bool) if mask_of else None
 
     def score(indices: list[int]) -> float:
-        _set_layers(model, [layers[i] for i in indices])
+        set_layers(model, [layers[i] for i in indices])
         with torch.no_grad():
             out = forward(model, batch).float().numpy()
         values = cosines(reference, out)
@@ -205,7 +187,7 @@ def _prune_layers(model, keep: float, probe: Arrays | None, task: str | None) ->
         worst = max(scores, key=lambda i: (scores[i], i))  # least missed; ties drop the later layer
         kept.remove(worst)
         dropped.append({"layer": worst, "cosine_without": round(scores[worst], 5)})
-    _set_layers(model, [layers[i] for i in kept])
+    set_layers(model, [layers[i] for i in kept])
     return {"kept_layers": kept, "rule": "greedy by output cosine on the probe", "dropped": dropped}
 
 
@@ -310,4 +292,7 @@ def save(model, teacher_folder: Path, out: Path) -> None:
         elif path.is_dir() and not path.is_symlink():  # e.g. sentence-transformers' 1_Pooling
             shutil.copytree(path, out / path.name, dirs_exist_ok=True, symlinks=False,
                             ignore=lambda _dir, names: [n for n in names if n.lower().endswith(WEIGHT_SUFFIXES)])
-    model.save_pretrained(str(out), safe_serialization=True)
+    from worker.plugins.hf_transformers import quiet
+
+    with quiet():
+        model.save_pretrained(str(out), safe_serialization=True)

@@ -43,6 +43,7 @@ class ConvertRequest:
     workdir: Path  # write outputs here (an empty per-task temporary folder)
     settings: Settings
     samples: Arrays | None = None  # user-supplied sample inputs, if the job named a .npz
+    sample_text: list[str] | None = None  # user-supplied sample text (one example per line), if it named a .txt
 
 
 @dataclass

@@ -6,6 +6,16 @@ The folder must hold ``config.json`` and safetensors weights; pickle weights
 Attention is loaded as ``attn_implementation="eager"``: exporting the default SDPA attention
 with ``dynamo=False`` gives a ``Where``-masked graph that dynamic INT8 runs ~25% slower.
 
+Tasks: ``feature-extraction`` exports the token states (``last_hidden_state``),
+``sentence-embedding`` one vector per row (``sentence_embedding``: what sentence-transformers'
+``encode`` returns, with the pooling and normalization of the folder's ``modules.json`` and
+``1_Pooling/config.json``; mean pooling and no normalization without them), and
+``text-classification`` the ``logits``.
+
+Sample inputs given as text (``model.samples: file.txt``, one example per line): for
+``feature-extraction`` the lines are packed into rows of exactly ``sequence`` tokens as below;
+for the pooled tasks each line is one row, padded to the longest (the graph masks padding).
+
 Sample inputs when the job gives none: if the folder has a tokenizer, rows of real English
 text with no padding (each row is sentences concatenated to exactly ``sequence`` tokens,
 framed by the tokenizer's special tokens), so the attention mask is all ones and every
@@ -15,6 +25,7 @@ with ``convert.samples.seed``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import shutil
@@ -28,8 +39,10 @@ from worker.plugins.base import Arrays, Converter, ConvertRequest, ConvertResult
 
 TASKS = {
     "feature-extraction": ("AutoModel", "last_hidden_state"),
+    "sentence-embedding": ("AutoModel", "sentence_embedding"),
     "text-classification": ("AutoModelForSequenceClassification", "logits"),
 }
+POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
 INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "*.pt", "*.pth", "*.ckpt", "*.bin")
 
@@ -102,9 +115,10 @@ class HFTransformers(Converter):
                 f"model.source {request.model.source}: {type(model).__name__} does not take input_ids; "
                 "hf-transformers supports text models only"
             )
-        samples, origin = _samples(request, folder, config, input_names)
+        samples, origin = _samples(request, folder, config, input_names, task)
 
-        wrapper = _wrap(model, input_names, output_name)
+        wrapper = _wrap(model, input_names, task, pooling_of(folder, request.model.source)
+                        if task == "sentence-embedding" else None)
         args = tuple(torch.from_numpy(samples[name]) for name in input_names)
         try:
             with torch.inference_mode():
@@ -156,7 +170,7 @@ class HFTransformers(Converter):
         )
 
 
-def _wrap(model, input_names: list[str], output_name: str):
+def _wrap(model, input_names: list[str], task: str, pooling: dict | None = None):
     """An nn.Module taking the inputs positionally and returning the one output tensor."""
     import torch
 
@@ -166,9 +180,75 @@ def _wrap(model, input_names: list[str], output_name: str):
             self.model = model
 
         def forward(self, *tensors):
-            return getattr(self.model(**dict(zip(input_names, tensors)), return_dict=True), output_name)
+            return task_output(self.model, dict(zip(input_names, tensors)), task, pooling)
 
     return Wrapper().eval()
+
+
+def task_output(model, batch: dict, task: str | None, pooling: dict | None = None):
+    """The one tensor a task exports (see TASKS); ``pooling`` (``pooling_of``) for sentence-embedding."""
+    if task == "sentence-embedding":
+        return pool(model(**batch, return_dict=True).last_hidden_state, batch.get("attention_mask"), pooling)
+    return getattr(model(**batch, return_dict=True), TASKS[task or "feature-extraction"][1])
+
+
+def pooling_of(folder: Path, source: str) -> dict:
+    """How sentence-transformers turns this folder's token states into one vector: {mode, normalize}.
+
+    Read from ``modules.json`` (a Normalize module) and the Pooling module's ``config.json``;
+    a folder without them gets mean pooling and no normalization.
+    """
+    import json
+
+    def read(path: Path):
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserInputError(f"model.source {source}: {path.name} is not readable JSON ({exc})") from None
+
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return {"mode": "mean", "normalize": False}
+    modules = read(modules_file)
+    if not isinstance(modules, list):
+        raise UserInputError(f"model.source {source}: modules.json is not a list of modules")
+    kinds = {str(m.get("type", "")).rsplit(".", 1)[-1]: str(m.get("path", "")) for m in modules if isinstance(m, dict)}
+    extra = sorted(set(kinds) - {"Transformer", "Pooling", "Normalize"})
+    if extra:
+        raise UserInputError(f"model.source {source}: sentence-transformers module(s) {', '.join(extra)} are not "
+                             "supported for task sentence-embedding (supported: Transformer, Pooling, Normalize)")
+    mode = "mean"
+    if "Pooling" in kinds:
+        folder_path = (folder / kinds["Pooling"]).resolve()
+        if not folder_path.is_relative_to(folder.resolve()):
+            raise UserInputError(f"model.source {source}: modules.json's Pooling path leaves the model folder")
+        config = read(folder_path / "config.json")
+        modes = [name for key, name in POOLING_MODES.items() if config.get(key)]
+        others = [key for key, value in config.items() if key.startswith("pooling_mode_") and value
+                  and key not in POOLING_MODES]
+        if len(modes) != 1 or others:
+            raise UserInputError(f"model.source {source}: the Pooling module asks for {', '.join(modes + others) or 'no mode'};"
+                                 f" task sentence-embedding supports exactly one of {', '.join(POOLING_MODES.values())}")
+        mode = modes[0]
+    return {"mode": mode, "normalize": "Normalize" in kinds}
+
+
+def pool(hidden, mask, pooling: dict):
+    """[batch, sequence, dim] token states -> [batch, dim], padding (mask 0) left out."""
+    import torch
+
+    if mask is None:
+        mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    if pooling["mode"] == "cls":
+        vector = hidden[:, 0]
+    elif pooling["mode"] == "max":
+        vector = hidden.masked_fill(weights == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+    else:
+        vector = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)
+    if pooling["normalize"]:
+        vector = torch.nn.functional.normalize(vector, p=2.0, dim=-1)
+    return vector
 
 
 def _task(request: ConvertRequest, folder: Path) -> str:
@@ -213,12 +293,8 @@ def _check_folder(folder: Path, source: str) -> None:
 def _load_model(folder: Path, auto_class, source: str):
     import torch
 
-    from transformers.utils import logging as hf_logging
-
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in a worker's log
     try:
-        with warnings.catch_warnings():
+        with quiet(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = auto_class.from_pretrained(
                 str(folder),
@@ -231,15 +307,28 @@ def _load_model(folder: Path, auto_class, source: str):
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as exc:
         message = " ".join(str(exc).split())[:300]
         raise UserInputError(f"model.source {source}: transformers cannot load the model: {message}") from None
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
     return model.eval()
 
 
-def _samples(request: ConvertRequest, folder: Path, config, input_names: list[str]) -> tuple[Arrays, str]:
+@contextlib.contextmanager
+def quiet():
+    """transformers' progress bars ("Loading weights", "Writing model shards") off: noise in a worker's log."""
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _samples(request: ConvertRequest, folder: Path, config, input_names: list[str], task: str) -> tuple[Arrays, str]:
     spec = request.convert.samples
     limit = getattr(config, "max_position_embeddings", None)
+    if request.sample_text is not None:
+        return _text_samples(request, folder, input_names, task, min(spec.sequence, limit or spec.sequence))
     if request.samples is not None:
         origin = request.model.samples or "samples"
         samples = _user_samples(request.samples, input_names, config, origin)
@@ -267,6 +356,61 @@ def _samples(request: ConvertRequest, folder: Path, config, input_names: list[st
         ids = np.random.default_rng(spec.seed).integers(0, vocab, size=(spec.batch, spec.sequence), dtype=np.int64)
         origin = "random-ids"
     return _complete({"input_ids": ids}, input_names), origin
+
+
+def _text_samples(request: ConvertRequest, folder: Path, input_names: list[str], task: str,
+                  sequence: int) -> tuple[Arrays, str]:
+    origin = f"model.samples {request.model.samples or 'text'}"
+    tokenizer = _tokenizer(folder)
+    if tokenizer is None:
+        raise UserInputError(f"{origin}: text samples need the model's tokenizer in the folder")
+    if task == "feature-extraction":  # token states are compared position by position: no padding
+        ids = packed_rows(tokenizer, request.sample_text, sequence, origin)
+        return _complete({"input_ids": ids}, input_names), "user-text"
+    return line_rows(tokenizer, request.sample_text, sequence, input_names, origin), "user-text"
+
+
+def packed_rows(tokenizer, lines: list[str], sequence: int, origin: str) -> np.ndarray:
+    """The lines' tokens end to end, cut into rows of exactly ``sequence``: [CLS] ... [SEP], no padding."""
+    head, tail = _frame(tokenizer, sequence)
+    body = sequence - len(head) - len(tail)
+    stream: list[int] = []
+    for line in lines:
+        stream.extend(tokenizer.encode(line, add_special_tokens=False))
+    rows = [head + stream[i:i + body] + tail for i in range(0, len(stream) - body + 1, body)]
+    if not rows:
+        raise UserInputError(f"{origin}: {len(stream)} tokens in all, fewer than one row of {sequence}; "
+                             "give more text or a smaller sequence")
+    return np.asarray(rows, dtype=np.int64)
+
+
+def line_rows(tokenizer, lines: list[str], sequence: int, input_names: list[str], origin: str) -> Arrays:
+    """One row per line: [CLS] line [SEP], cut at ``sequence`` tokens, padded to the longest row.
+
+    A line is one example, as a sentence encoder or a classifier sees it in use; the attention
+    mask marks the padding.
+    """
+    encoded = [ids for ids in tokenizer(lines, add_special_tokens=True, truncation=True,
+                                        max_length=sequence)["input_ids"] if ids] if lines else []
+    if not encoded:
+        raise UserInputError(f"{origin}: no line has any tokens")
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = np.full((len(encoded), width), pad, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, tokens in enumerate(encoded):
+        ids[row, :len(tokens)] = tokens
+        mask[row, :len(tokens)] = 1
+    return _complete({"input_ids": ids, "attention_mask": mask}, input_names)
+
+
+def _frame(tokenizer, sequence: int) -> tuple[list[int], list[int]]:
+    """The special tokens that open and close a row ([CLS] and [SEP] for BERT), if the row has room."""
+    first = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    last = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    head = [first] if first is not None and sequence >= 3 else []
+    tail = [last] if last is not None and sequence >= 3 else []
+    return head, tail
 
 
 def _user_samples(samples: Arrays, input_names: list[str], config, origin: str) -> Arrays:
@@ -328,10 +472,7 @@ def _sentence_ids(tokenizer, batch: int, sequence: int) -> np.ndarray:
     """batch rows of exactly `sequence` real tokens: [CLS] sentence sentence ... [SEP], no padding."""
     encoded = [tokenizer.encode(text, add_special_tokens=False) for text in SENTENCES]
     encoded = [ids for ids in encoded if ids]
-    first = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    last = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    head = [first] if first is not None and sequence >= 3 else []
-    tail = [last] if last is not None and sequence >= 3 else []
+    head, tail = _frame(tokenizer, sequence)
     body = sequence - len(head) - len(tail)
     count = len(encoded)
     stride = max(1, count // max(batch, 1))

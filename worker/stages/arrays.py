@@ -1,4 +1,4 @@
-"""Reading and writing named arrays as .npz, never with pickle."""
+"""Reading a job's data files: named arrays as .npz (never with pickle), text as lines."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 from shared.errors import UserInputError
 
 Arrays = dict[str, np.ndarray]
+TEXT_SAMPLES = (".txt",)  # model.samples given as text, one example per line (text models)
 
 
 def save_arrays(path: Path, arrays: Arrays) -> Path:
@@ -22,3 +23,15 @@ def load_arrays(path: Path, *, what: str = "arrays") -> Arrays:
             return {name: data[name] for name in data.files}
     except (ValueError, OSError, EOFError) as exc:
         raise UserInputError(f"{what} {path.name}: not a readable .npz of plain arrays ({exc})") from None
+
+
+def text_lines(path: Path, what: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserInputError(f"{what} {path.name}: not UTF-8 text ({exc.reason})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UserInputError(f"{what} {path.name}: no text lines")
+    return lines

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from shared.errors import UserInputError
 from shared.manifest import Manifest, step_key
 from shared.storage import ArtifactStore, FileRef, digest_of_files
 from worker.context import StageContext
-from worker.stages.arrays import load_arrays
+from worker.stages.arrays import load_arrays, text_lines
 from worker.steps import StepOutput, run_step, tool_versions
 
 log = logging.getLogger("modelyard.compress")
@@ -71,12 +72,12 @@ def run_compress(ctx: StageContext) -> tuple[Manifest, bool]:
             data_path = ctx.store.get_file(ref, tmp / "data" / ref.path)
         out = tmp / "out"
         out.mkdir()
-        checkpoints = Checkpoints(ctx.store, key, tmp / "checkpoint")
-        reporter = Progress(ctx)
+        training = Training(device=_device(ctx), checkpoints=Checkpoints(ctx.store, key, tmp / "checkpoint"),
+                            progress=Progress(ctx))
         if ctx.spec.model.format == "hf-transformers":
-            metrics, info = _compress_transformer(ctx, teacher_path, data_path, out, checkpoints, reporter)
+            metrics, info = compress_transformer(ctx.spec, teacher_path, data_path, out, training)
         else:
-            metrics, info = _compress_cnn(ctx, teacher_path, data_path, out, checkpoints, reporter)
+            metrics, info = _compress_cnn(ctx, teacher_path, data_path, out, training)
         return StepOutput(folder=out, metrics=metrics, info={**info, "format": ctx.spec.model.format,
                                                              "teacher_digest": input_digest})
 
@@ -102,21 +103,32 @@ def _split(data: dict[str, np.ndarray]) -> tuple[dict, dict]:
     return ({k: v[:count - held] for k, v in data.items()}, {k: v[count - held:] for k, v in data.items()})
 
 
-def _train(ctx, student, teacher, data, *, objective, forward, mask_of, checkpoints, reporter) -> dict:
+@dataclass
+class Training:
+    """Where distillation runs, and what it reports to: a stage passes its checkpoints and progress."""
+
+    device: str = "cpu"
+    checkpoints: Checkpoints | None = None
+    progress: Progress | None = None
+
+
+def _train(spec, student, teacher, data, *, objective, forward, mask_of, training: Training) -> dict:
     from worker.compress.distill import DistillConfig, agreement, distill
 
-    spec = ctx.spec.compress.distill
-    device = _device(ctx)
+    distill_spec = spec.compress.distill
+    device = training.device
     train, held_out = _split(data)
     before = agreement(student, teacher, held_out, forward=forward, mask_of=mask_of, device=device)
-    config = DistillConfig(objective=objective, epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
-                           temperature=spec.temperature, seed=spec.seed)
-    start = checkpoints.load()
+    config = DistillConfig(objective=objective, epochs=distill_spec.epochs, batch_size=distill_spec.batch_size,
+                           lr=distill_spec.lr, temperature=distill_spec.temperature, seed=distill_spec.seed)
+    start = training.checkpoints.load() if training.checkpoints else None
     if start is not None:
-        log.info("job %s: compress resumes after epoch %d of %d", ctx.job_id, start.epoch, spec.epochs)
-    reporter.started(start.epoch + 1 if start else 1, spec.epochs)
+        log.info("compress of %s resumes after epoch %d of %d", spec.model.name, start.epoch, distill_spec.epochs)
+    if training.progress:
+        training.progress.started(start.epoch + 1 if start else 1, distill_spec.epochs)
     history = distill(student, teacher, train, config, forward=forward, mask_of=mask_of, device=device, start=start,
-                      on_progress=reporter.step, on_epoch=checkpoints.save)
+                      on_progress=training.progress.step if training.progress else None,
+                      on_epoch=training.checkpoints.save if training.checkpoints else None)
     after = agreement(student, teacher, held_out, forward=forward, mask_of=mask_of, device=device)
     student.to("cpu")
     return {"before_distillation": before, "after_distillation": after, "history": history,
@@ -124,24 +136,28 @@ def _train(ctx, student, teacher, data, *, objective, forward, mask_of, checkpoi
                 next(iter(train.values())))}
 
 
-def _compress_transformer(ctx, teacher_dir: Path, data_path: Path | None, out: Path, checkpoints, reporter):
+def compress_transformer(spec, teacher_dir: Path, data_path: Path | None, out: Path,
+                         training: Training | None = None) -> tuple[dict, dict]:
+    """Prune (and, with distill data, distill) the Hugging Face model in teacher_dir into out; (metrics, info)."""
     import copy
 
     from worker.compress import transformer
+    from worker.plugins.hf_transformers import pooling_of
 
-    spec = ctx.spec
+    training = training or Training()
     label = f"model.source {spec.model.source}"
     task = spec.model.task
     teacher = transformer.load(teacher_dir, task, label)
     names = transformer.input_names(teacher)
     data = None
     if data_path is not None:
-        lines = _text_lines(data_path)
+        lines = text_lines(data_path, "compress.distill.data")
         tokenizer = transformer.tokenizer_of(teacher_dir, label)
         data = transformer.text_rows(tokenizer, lines, spec.compress.distill.sequence, names)
     probe = {k: v[:PROBE_ROWS] for k, v in data.items()} if data is not None else None
+    pooling = pooling_of(teacher_dir, label) if task == "sentence-embedding" else None
     student = copy.deepcopy(teacher)
-    pruned = transformer.prune(student, spec.compress.prune.method, spec.compress.prune.keep, probe, task)
+    pruned = transformer.prune(student, spec.compress.prune.method, spec.compress.prune.keep, probe, task, pooling)
     metrics: dict[str, Any] = {
         "parameters": {"teacher": _count(teacher), "student": _count(student),
                        "teacher_encoder": transformer.encoder_parameters(teacher),
@@ -152,14 +168,14 @@ def _compress_transformer(ctx, teacher_dir: Path, data_path: Path | None, out: P
         base = getattr(student, student.base_model_prefix, student)
         for param in base.embeddings.parameters():  # the teacher's embeddings, kept: the data covers few words
             param.requires_grad_(False)
-        metrics["distill"] = _train(ctx, student, teacher, data, objective=transformer.objective(task),
-                                    forward=transformer.forward_fn(task), mask_of=transformer.mask_fn(task),
-                                    checkpoints=checkpoints, reporter=reporter)
+        metrics["distill"] = _train(spec, student, teacher, data, objective=transformer.objective(task),
+                                    forward=transformer.forward_fn(task, pooling), mask_of=transformer.mask_fn(task),
+                                    training=training)
     transformer.save(student, teacher_dir, out)
     return metrics, {"task": task}
 
 
-def _compress_cnn(ctx, teacher_path: Path, data_path: Path | None, out: Path, checkpoints, reporter):
+def _compress_cnn(ctx, teacher_path: Path, data_path: Path | None, out: Path, training: Training):
     from safetensors.torch import save_file
 
     from worker.compress import cnn
@@ -183,8 +199,8 @@ def _compress_cnn(ctx, teacher_path: Path, data_path: Path | None, out: Path, ch
         def forward(model, batch):
             return model(*[batch[name] for name in names])
 
-        metrics["distill"] = _train(ctx, student, teacher, data, objective=objective, forward=forward, mask_of=None,
-                                    checkpoints=checkpoints, reporter=reporter)
+        metrics["distill"] = _train(spec, student, teacher, data, objective=objective, forward=forward, mask_of=None,
+                                    training=training)
     save_file({k: v.detach().contiguous() for k, v in student.state_dict().items()}, str(out / "model.safetensors"))
     (out / cnn.ARCHITECTURE).write_text(json.dumps({k: v for k, v in architecture.items() if k != "kept"}, indent=1))
     return metrics, {"factory": cnn.FACTORY, "teacher_factory": factory}
@@ -192,17 +208,6 @@ def _compress_cnn(ctx, teacher_path: Path, data_path: Path | None, out: Path, ch
 
 def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _text_lines(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserInputError(f"compress.distill.data {path.name}: not UTF-8 text ({exc.reason})") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise UserInputError(f"compress.distill.data {path.name}: no text lines")
-    return lines
 
 
 def _array_data(path: Path, spec) -> dict[str, np.ndarray]:

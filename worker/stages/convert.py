@@ -23,7 +23,7 @@ from shared.storage import FileRef, digest_of_files
 from worker.context import StageContext
 from worker.plugins import registry
 from worker.plugins.base import ConvertRequest
-from worker.stages.arrays import load_arrays, save_arrays
+from worker.stages.arrays import TEXT_SAMPLES, load_arrays, save_arrays, text_lines
 from worker.steps import StepOutput, run_step, tool_versions
 
 SAMPLES, REFERENCE = "samples.npz", "reference.npz"
@@ -54,7 +54,7 @@ def run_convert(ctx: StageContext, compress_key: str | None = None) -> tuple[Man
         out.mkdir()
         request = ConvertRequest(
             source=source, model=spec.model, convert=spec.convert, workdir=out, settings=ctx.settings,
-            samples=samples,
+            **samples,
         )
         result = converter_cls().convert(request)
         save_arrays(out / SAMPLES, result.samples)
@@ -102,7 +102,7 @@ def _run_convert_student(ctx: StageContext, compress_key: str) -> tuple[Manifest
         (tmp / "teacher-out").mkdir()
         teacher = converter_cls().convert(ConvertRequest(
             source=teacher_source, model=spec.model, convert=spec.convert, workdir=tmp / "teacher-out",
-            settings=ctx.settings, samples=user_samples,
+            settings=ctx.settings, **user_samples,
         ))
         model, settings, binding = spec.model, ctx.settings, nullcontext()
         if student.info.get("factory"):  # a pruned CNN: rebuilt by modelyard's factory from architecture.json
@@ -144,12 +144,16 @@ def _run_convert_student(ctx: StageContext, compress_key: str) -> tuple[Manifest
     )
 
 
-def _user_samples(ctx: StageContext, tmp: Path) -> dict | None:
-    """The sample inputs the job file named (model.samples), if any."""
+def _user_samples(ctx: StageContext, tmp: Path) -> dict:
+    """The sample inputs the job file named (model.samples) as ConvertRequest fields: arrays from an
+    .npz (``samples``), or the lines of a .txt for a text model (``sample_text``)."""
     if not ctx.record.get("samples"):
-        return None
+        return {}
     ref = FileRef.from_dict(ctx.record["samples"])
-    return load_arrays(ctx.store.get_file(ref, tmp / "user-samples.npz"), what="model.samples")
+    if ref.path.lower().endswith(TEXT_SAMPLES):
+        path = ctx.store.get_file(ref, tmp / "user-samples.txt")
+        return {"sample_text": text_lines(path, "model.samples")}
+    return {"samples": load_arrays(ctx.store.get_file(ref, tmp / "user-samples.npz"), what="model.samples")}
 
 
 def _model_info(ctx: StageContext, result) -> dict:
