@@ -407,6 +407,26 @@ def test_sentence_embedding_is_the_masked_mean_of_the_token_states_normalized(tm
     np.testing.assert_allclose(again, got, atol=1e-5)
 
 
+def test_int8_dynamic_keeps_the_sentence_embeddings(tmp_path):
+    from tests.data_gen import sentences
+    from worker.fidelity import compare
+    from worker.plugins import registry
+    from worker.plugins.base import OptimizeRequest
+    from worker.runtime import load_session
+
+    source = Path(gt_minilm.get_model_path())
+    (tmp_path / "fp32").mkdir()
+    (tmp_path / "int8").mkdir()
+    result = registry.converter("hf-transformers").convert(
+        _convert_request(source, tmp_path / "fp32", task="sentence-embedding", sample_text=sentences(32, seed=5)))
+    int8 = registry.optimizer("int8-dynamic").optimize(OptimizeRequest(
+        model=tmp_path / "fp32" / result.model_file, workdir=tmp_path / "int8", samples=result.samples,
+        task="sentence-embedding", inputs=result.inputs, outputs=result.outputs, params={}))
+    fidelity = compare(result.reference, load_session(int8).run(result.samples))
+    print(f"\nint8-dynamic sentence embeddings vs torch, 32 sentences: cosine min {fidelity['cosine_min']:.4f}")
+    assert fidelity["cosine_min"] >= 0.99
+
+
 def test_text_samples_for_token_states_are_packed_without_padding(tmp_path):
     from worker.plugins import registry
 

@@ -2,9 +2,10 @@
 
 Two objectives, by what the model outputs:
 
-* ``embedding`` (feature extraction): per vector (a token's hidden state), ``1 - cosine`` plus the
-  squared error scaled by the teacher's mean squared norm, averaged over the positions the
-  attention mask marks real; the student learns the teacher's directions and magnitudes.
+* ``embedding`` (feature extraction, sentence embeddings): per vector (a token's hidden state, or
+  a row's sentence embedding), ``1 - cosine`` plus the squared error scaled by the teacher's mean
+  squared norm, averaged over the vectors (for token states, the positions the attention mask
+  marks real); the student learns the teacher's directions and magnitudes.
 * ``logits`` (classifiers): ``KL(softmax(teacher / T) || softmax(student / T)) · T²`` (Hinton et
   al.), T the job's ``distill.temperature``.
 
