@@ -161,6 +161,7 @@ class OptimizeSpec(Strict):
         return next(v for v in self.variants if v.id == variant_id)
 
 
+TEXT_SAMPLES = (".txt",)  # model.samples given as text, one example per line (hf-transformers)
 PRUNE_METHODS = {"layers": "hf-transformers", "heads": "hf-transformers", "ffn-neurons": "hf-transformers",
                  "channels": "torch-state-dict"}
 
@@ -231,7 +232,7 @@ class JobSpec(Strict):
         if self.model.format not in registry.converters:
             known = ", ".join(sorted(registry.converters))
             raise ValueError(f"model.format {self.model.format!r} is not a known format (known: {known})")
-        if self.model.samples and self.model.samples.lower().endswith(".txt") and self.model.format != "hf-transformers":
+        if self.model.samples and self.model.samples.lower().endswith(TEXT_SAMPLES) and self.model.format != "hf-transformers":
             raise ValueError(f"model.samples {self.model.samples}: text samples (.txt) are for format 'hf-transformers'; "
                              f"give format {self.model.format!r} an .npz of its inputs")
         if self.compress and PRUNE_METHODS[self.compress.prune.method] != self.model.format:

@@ -83,22 +83,25 @@ compress:
         for name, folder in folders.items():
             workdir = tmp / f"onnx-{name}"
             workdir.mkdir()
-            for inputs, text in (("sentences", lines), ("everyday", SENTENCES), ("8x128", None)):
-                given = {"sample_text": text} if name == "teacher" else {"samples": converted[("teacher", inputs)].samples}
-                request = ConvertRequest(source=folder, model=spec.model, convert=ConvertSpec(), workdir=workdir,
-                                         settings=Settings(), **given)
-                converted[(name, inputs)] = registry.converter("hf-transformers").convert(request)
-            models[name] = workdir / converted[(name, "sentences")].model_file
+            texts = (("sentences", lines), ("everyday", SENTENCES), ("8x128", None)) if name == "teacher" else ()
+            for inputs, text in texts:  # the teacher's samples and reference outputs for each input set
+                converted[inputs] = registry.converter("hf-transformers").convert(ConvertRequest(
+                    source=folder, model=spec.model, convert=ConvertSpec(), workdir=workdir, settings=Settings(),
+                    sample_text=text))
+            if name != "teacher":
+                registry.converter("hf-transformers").convert(ConvertRequest(
+                    source=folder, model=spec.model, convert=ConvertSpec(), workdir=workdir, settings=Settings(),
+                    samples=converted["sentences"].samples))
+            models[name] = workdir / converted["sentences"].model_file
         int8_dir = tmp / "int8"
         int8_dir.mkdir()
-        base = converted[("distilled", "sentences")]
+        base = converted["sentences"]
         models["distilled + INT8"] = registry.optimizer("int8-dynamic").optimize(OptimizeRequest(
             model=models["distilled"], workdir=int8_dir, samples=base.samples, task=spec.model.task,
             inputs=base.inputs, outputs=base.outputs, params={}))
 
         sessions = {name: load_session(path, threads=args.threads) for name, path in models.items()}
-        fidelity = {(name, inputs): compare(converted[("teacher", inputs)].reference,
-                                            sessions[name].run(converted[("teacher", inputs)].samples))
+        fidelity = {(name, inputs): compare(converted[inputs].reference, sessions[name].run(converted[inputs].samples))
                     for name in models for inputs in ("sentences", "everyday")}
         sizes = {name: sum(p.stat().st_size for p in _model_files(path)) for name, path in models.items()}
         p50s = {(name, inputs): [] for name in models for inputs in ("sentences", "8x128")}
@@ -106,7 +109,7 @@ compress:
         for rep in range(args.reps):
             for name in names[rep % len(names):] + names[:rep % len(names)]:
                 for inputs in ("sentences", "8x128"):
-                    feeds = converted[("teacher", inputs)].samples
+                    feeds = converted[inputs].samples
                     p50s[(name, inputs)].append(measure(sessions[name], feeds, runs=args.runs, warmup=3)["p50_ms"])
             report.log(f"round {rep + 1}/{args.reps}: " + ", ".join(
                 f"{n} {p50s[(n, 'sentences')][-1]:.1f}/{p50s[(n, '8x128')][-1]:.1f} ms" for n in names))

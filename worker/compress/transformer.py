@@ -110,13 +110,6 @@ def tokenizer_of(folder: Path, source: str):
     return tokenizer
 
 
-def text_rows(tokenizer, lines: list[str], sequence: int, input_names: list[str]) -> Arrays:
-    """One row per line, padded (``worker.compress.distill.batches`` trims each batch to its longest row)."""
-    from worker.plugins.hf_transformers import line_rows
-
-    return line_rows(tokenizer, lines, sequence, input_names, "compress.distill.data")
-
-
 def input_names(model) -> list[str]:
     import inspect
 

@@ -9,7 +9,6 @@ import numpy as np
 from shared.errors import UserInputError
 
 Arrays = dict[str, np.ndarray]
-TEXT_SAMPLES = (".txt",)  # model.samples given as text, one example per line (text models)
 
 
 def save_arrays(path: Path, arrays: Arrays) -> Path:

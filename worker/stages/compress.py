@@ -142,7 +142,7 @@ def compress_transformer(spec, teacher_dir: Path, data_path: Path | None, out: P
     import copy
 
     from worker.compress import transformer
-    from worker.plugins.hf_transformers import pooling_of
+    from worker.plugins.hf_transformers import line_rows, pooling_of
 
     training = training or Training()
     label = f"model.source {spec.model.source}"
@@ -153,7 +153,7 @@ def compress_transformer(spec, teacher_dir: Path, data_path: Path | None, out: P
     if data_path is not None:
         lines = text_lines(data_path, "compress.distill.data")
         tokenizer = transformer.tokenizer_of(teacher_dir, label)
-        data = transformer.text_rows(tokenizer, lines, spec.compress.distill.sequence, names)
+        data = line_rows(tokenizer, lines, spec.compress.distill.sequence, names, "compress.distill.data")
     probe = {k: v[:PROBE_ROWS] for k, v in data.items()} if data is not None else None
     pooling = pooling_of(teacher_dir, label) if task == "sentence-embedding" else None
     student = copy.deepcopy(teacher)

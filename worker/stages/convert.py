@@ -18,12 +18,13 @@ import json
 from pathlib import Path
 
 from shared.errors import UserInputError
+from shared.jobspec import TEXT_SAMPLES
 from shared.manifest import Manifest, load_manifest
 from shared.storage import FileRef, digest_of_files
 from worker.context import StageContext
 from worker.plugins import registry
 from worker.plugins.base import ConvertRequest
-from worker.stages.arrays import TEXT_SAMPLES, load_arrays, save_arrays, text_lines
+from worker.stages.arrays import load_arrays, save_arrays, text_lines
 from worker.steps import StepOutput, run_step, tool_versions
 
 SAMPLES, REFERENCE = "samples.npz", "reference.npz"
