@@ -1,9 +1,10 @@
-"""The producer's Python API: ``submit``, ``status``, ``wait``, ``cancel``.
+"""The producer's Python API: ``validate``, ``submit``, ``status``, ``wait``, ``cancel``.
 
 ``submit`` validates the job file, uploads the local source into the artifact store by
 content, records the job in Redis and enqueues one Celery chain
 convert → optimize (one task per variant, then a selection) → deploy. Messages carry
-job ids and step keys only.
+job ids and step keys only. Reading the job file, the record and the chain are
+``shared.pipeline``'s, which ``worker.local`` (``modelyard run``) shares.
 """
 
 from __future__ import annotations
@@ -15,19 +16,25 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from celery import chain, chord, group
 
+from shared import pipeline
 from shared.celery_app import make_celery
 from shared.errors import UserInputError
-from shared.jobs import CANCELLED, TERMINAL, JobStore, new_job_id
-from shared.jobspec import BASELINE, JobSpec, load_job
+from shared.jobs import CANCELLED, TERMINAL, JobStore
+from shared.jobspec import JobSpec
 from shared.settings import Settings, get_settings
-from shared.storage import ArtifactStore, digest_of_files, open_store
+from shared.storage import ArtifactStore, open_store
 
+# How long ``wait`` rides out a lost connection to Redis (a restart) before giving up.
+OUTAGE_GRACE_S = 30.0
 
 
 class BrokerUnavailable(Exception):
     """Redis could not be reached after a few retries."""
+
+
+class WaitTimeout(TimeoutError):
+    """``wait`` gave up: the job had not ended within its timeout (it keeps running)."""
 
 
 @lru_cache(maxsize=4)
@@ -73,75 +80,49 @@ def _redact(url: str) -> str:
     return url
 
 
+def gpu_benefit(optimizer: str) -> bool:
+    """Whether an optimizer plugin runs faster on a GPU (its variants follow ``device: gpu``)."""
+    import worker.plugins  # the package's registry of plugins (importing it registers them)
+
+    return worker.plugins.registry.optimizers[optimizer].gpu_benefit
+
+
 def queue_for(spec: JobSpec, stage: str, variant: str | None = None) -> str:
     """The pool a stage runs on: a pin in ``pools`` wins; else gpu-benefiting variants follow ``device``."""
-    if stage in spec.pools:
-        return spec.pools[stage]
-    if stage == "compress":  # training: the gpu pool when the job asks for it
-        return "gpu" if spec.device == "gpu" else "cpu"
-    if stage == "optimize" and variant and variant != BASELINE and spec.device == "gpu":
-        from worker.plugins import registry
-
-        if any(registry.optimizers[p].gpu_benefit for p in spec.optimize.variant(variant).parts):
-            return "gpu"
-    return "cpu"
+    return pipeline.queue_for(spec, stage, variant, gpu_benefit=gpu_benefit)
 
 
-def _resolve_local(path: str, base: Path, field: str) -> Path:
-    resolved = (base / path).expanduser().resolve()
-    if not resolved.exists():
-        raise UserInputError(f"{field}: {path} does not exist (looked for {resolved})")
-    return resolved
+def plan(spec: JobSpec) -> dict[str, str]:
+    """Each stage of the job and the pool it runs on, as the job record keeps it."""
+    return pipeline.plan(spec, gpu_benefit=gpu_benefit)
 
 
-def _resolve_uri(uri: str, base: Path) -> str:
-    if uri.startswith("gs://"):
-        return uri
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    return (base / path).expanduser().resolve().as_uri()
+def validate(job_file: str | Path) -> JobSpec:
+    """Everything ``submit`` checks before it contacts Redis: schema, plugins and parameters, local files.
+
+    Returns the spec as it would be submitted; UserInputError naming the field when something is wrong.
+    """
+    return _checked(job_file).spec
 
 
-def _check_eval_data(path: Path) -> Path:
-    """Refuse, before anything is uploaded, an eval file that is not an .npz with a 'labels' array."""
-    import zipfile
+def _checked(job_file: str | Path) -> pipeline.JobInputs:
+    inputs = pipeline.prepare(job_file)
+    from worker.plugins import catalog  # imports every plugin module: only when a job is checked
 
-    import numpy as np
-
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            names = list(data.files)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise UserInputError(f"model.eval_data: {path.name} is not a readable .npz ({exc})") from None
-    if "labels" not in names:
-        raise UserInputError(
-            f"model.eval_data: {path.name} has no 'labels' array (it has: {', '.join(names) or 'nothing'})"
-        )
-    if len(names) < 2:
-        raise UserInputError(f"model.eval_data: {path.name} has labels but no model inputs")
-    return path
+    catalog.check_job(inputs.spec, origin=str(job_file))
+    return inputs
 
 
 def submit(job_file: str | Path, *, settings: Settings | None = None) -> str:
     """Validate, upload and enqueue a job; returns its id. UserInputError for a bad job file."""
     settings = settings or get_settings()
-    spec, base = load_job(job_file)
-    source = _resolve_local(spec.model.source, base, "model.source")
-    samples_path = _resolve_local(spec.model.samples, base, "model.samples") if spec.model.samples else None
-    eval_path = None
-    if spec.model.eval_data:
-        eval_path = _check_eval_data(_resolve_local(spec.model.eval_data, base, "model.eval_data"))
-    distill = spec.compress.distill if spec.compress else None
-    distill_path = _resolve_local(distill.data, base, "compress.distill.data") if distill else None
-    if spec.deploy:
-        deploy = spec.deploy.model_copy(update={"repository": _resolve_uri(spec.deploy.repository, base)})
-        spec = spec.model_copy(update={"deploy": deploy})
+    inputs = _checked(job_file)
     jobs = connect(settings)  # fail before uploading anything when Redis is down
-
     store = open_store(settings.resolved_artifact_store())
-    job_id = record(jobs, store, spec, source, samples_path=samples_path, eval_path=eval_path,
-                    distill_path=distill_path)
+    queues = plan(inputs.spec)
+    job_id = pipeline.record(jobs, store, inputs, queues)
     try:
-        result = build_chain(spec, job_id).apply_async()
+        result = pipeline.build_chain(_celery(broker_url(settings)), inputs.spec, job_id, queues).apply_async()
     except Exception as exc:  # nothing half-recorded: a job that was not enqueued does not exist
         jobs.delete(job_id)
         raise BrokerUnavailable(f"could not enqueue job: {exc}") from None
@@ -154,25 +135,9 @@ def submit(job_file: str | Path, *, settings: Settings | None = None) -> str:
 def record(jobs: JobStore, store: ArtifactStore, spec: JobSpec, source: Path, *, samples_path: Path | None = None,
            eval_path: Path | None = None, distill_path: Path | None = None) -> str:
     """Upload a job's inputs and write its record (not yet enqueued); returns the new job id."""
-    files = store.put_dir(source) if source.is_dir() else [store.put_file(source)]
-    if not files:
-        raise UserInputError(f"model.source: {source} is an empty folder")
-    samples = store.put_file(samples_path).to_dict() if samples_path else None
-    eval_data = store.put_file(eval_path).to_dict() if eval_path else None
-    distill_data = store.put_file(distill_path).to_dict() if distill_path else None
-    job_id = new_job_id()
-    jobs.create(job_id, {
-        "spec": spec.model_dump(mode="json"),
-        "model": spec.model.name,
-        "artifact_store": store.uri,
-        "source": {"files": [f.to_dict() for f in files], "digest": digest_of_files(files),
-                   "is_folder": source.is_dir(), "path": str(source)},
-        "samples": samples,
-        "eval_data": eval_data,
-        "distill_data": distill_data,
-        "queues": _plan(spec),
-    })
-    return job_id
+    inputs = pipeline.JobInputs(spec=spec, source=source, samples=samples_path, eval_data=eval_path,
+                                distill_data=distill_path)
+    return pipeline.record(jobs, store, inputs, plan(spec))
 
 
 def _forget_locally(result) -> None:
@@ -189,58 +154,6 @@ def _forget_locally(result) -> None:
             node.backend.remove_pending_result(node)
 
 
-def _plan(spec: JobSpec) -> dict[str, str]:
-    plan = {"compress": queue_for(spec, "compress")} if spec.compress else {}
-    plan["convert"] = queue_for(spec, "convert")
-    if spec.optimize:
-        for variant in [BASELINE, *spec.optimize.ids]:
-            plan[f"optimize:{variant}"] = queue_for(spec, "optimize", variant)
-        plan["select"] = queue_for(spec, "select")
-    if spec.deploy:
-        plan["deploy"] = queue_for(spec, "deploy")
-    return plan
-
-
-def shown(job_id: str, model: str, stage: str, variant: str | None = None, inputs: str = "") -> dict[str, str]:
-    """What Flower shows as a stage task's arguments: job, model, stage and variant, never step-key blobs.
-
-    ``kwargsrepr`` stays a dict literal so that Flower's ``kwargs:job_id=…`` search still works.
-    """
-    kwargs = {"stage": stage, **({"variant": variant} if variant else {}), "model": model, "job_id": job_id}
-    return {"kwargsrepr": repr(kwargs), "argsrepr": f"({inputs})" if inputs else "()"}
-
-
-def build_chain(spec: JobSpec, job_id: str):
-    app = _celery(broker_url())
-    name = spec.model.name
-    common = {"job_id": job_id, "model": name}
-    last = "deploy" if spec.deploy else "optimize" if spec.optimize else "convert"
-    steps = []
-    if spec.compress:  # the student it returns is what convert converts
-        steps.append(app.signature("modelyard.compress", kwargs=common, queue=queue_for(spec, "compress"),
-                                   immutable=True, **shown(job_id, name, "compress")))
-    steps.append(app.signature("modelyard.convert", kwargs={**common, "final": last == "convert"},
-                               queue=queue_for(spec, "convert"), immutable=not spec.compress,
-                               **shown(job_id, name, "convert", inputs="student model" if spec.compress else "")))
-    if spec.optimize:
-        ids = [BASELINE, *spec.optimize.ids]
-        variants = [
-            app.signature("modelyard.optimize", kwargs={**common, "variant": v},
-                          queue=queue_for(spec, "optimize", v), ignore_result=False,  # joined by the chord
-                          **shown(job_id, name, "optimize", v, "converted model"))
-            for v in ids
-        ]
-        selector = app.signature("modelyard.select", kwargs={**common, "final": last == "optimize"},
-                                 queue=queue_for(spec, "select"),
-                                 **shown(job_id, name, "select", inputs="measured variants: " + ", ".join(ids)))
-        steps.append(chord(group(variants), selector))
-    if spec.deploy:
-        steps.append(app.signature("modelyard.deploy", kwargs={**common, "final": True},
-                                   queue=queue_for(spec, "deploy"),
-                                   **shown(job_id, name, "deploy", inputs="selected variant")))
-    return chain(*steps)
-
-
 def status(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
     job = connect(settings).get(job_id)
     if job is None:
@@ -250,11 +163,27 @@ def status(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
 
 def wait(job_id: str, *, timeout: float | None = None, poll: float = 0.5,
          on_update: Callable[[dict], None] | None = None, settings: Settings | None = None) -> dict[str, Any]:
-    """Block until the job reaches a terminal state (or timeout: TimeoutError)."""
+    """Block until the job reaches a terminal state.
+
+    WaitTimeout after ``timeout`` seconds; BrokerUnavailable when Redis stays unreachable for
+    ``OUTAGE_GRACE_S`` (a shorter outage, such as a restart, is ridden out).
+    """
     deadline = None if timeout is None else time.monotonic() + timeout
     jobs = connect(settings)
+    lost_since: float | None = None
     while True:
-        job = jobs.get(job_id)
+        try:
+            job = jobs.get(job_id)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > OUTAGE_GRACE_S:
+                raise BrokerUnavailable(
+                    f"lost the connection to Redis at {_redact(broker_url(settings))} while waiting for job "
+                    f"{job_id} ({exc}); the job may still be running"
+                ) from None
+            time.sleep(poll)
+            continue
+        lost_since = None
         if job is None:
             raise UserInputError(f"no job {job_id!r}")
         if on_update:
@@ -262,7 +191,7 @@ def wait(job_id: str, *, timeout: float | None = None, poll: float = 0.5,
         if job["state"] in TERMINAL:
             return job
         if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id} still {job['state']} after {timeout} s")
+            raise WaitTimeout(f"job {job_id} is still {job['state']} after {timeout:g} s")
         time.sleep(poll)
 
 

@@ -1,15 +1,8 @@
 """What an operator asks of a running system: queue depths, online workers, recent jobs.
 
 Plain functions over a Redis client, a Celery app and a ``JobStore``, so that the CLI
-(``producer.cli_operations``) stays thin and the worker's metrics endpoint can reuse the queue
-counting (``worker.metrics``).
-
-Queue depth follows kombu's Redis transport (5.x): a message for queue ``cpu`` is LPUSHed to the
-list ``cpu`` when its priority maps to the first priority step, else to ``cpu`` + sep + step
-(sep ``"\\x06\\x16"``, steps ``[0, 3, 6, 9]``: ``cpu\\x06\\x163``, ``cpu\\x06\\x166``,
-``cpu\\x06\\x169``). Messages a worker has reserved but not acknowledged (``acks_late``: every
-running stage) live in the hash ``unacked`` as ``[raw message, exchange, routing key]``; they are
-not in the list any more. ``global_keyprefix`` (a transport option) prefixes every key.
+(``producer.cli_operations``) stays thin. The queue counting itself (kombu's Redis layout) lives
+in ``shared.queues``, which the worker's metrics endpoint reads too.
 """
 
 from __future__ import annotations
@@ -23,70 +16,15 @@ import redis
 
 from shared.celery_app import QUEUES
 from shared.errors import UserInputError
+from shared.inference.hardware import class_of_queue
 from shared.jobs import INDEX, PREFIX, TERMINAL, JobStore
+from shared.queues import queue_depth, unacked_counts
 
-# kombu.transport.redis.Channel defaults (kombu 5.x); overridable through broker_transport_options.
-KOMBU_SEP = "\x06\x16"
-KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
-KOMBU_UNACKED_KEY = "unacked"
 STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 ERROR_SUMMARY_CHARS = 120
 
 
-# -- Redis ------------------------------------------------------------------------------------
-def redis_client(url: str, *, socket_timeout: float = 10) -> redis.Redis:
-    """A client for a broker URL as Celery takes it (``redis+socket://`` too)."""
-    if url.startswith("redis+socket://"):
-        url = "unix://" + url[len("redis+socket://"):]
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=socket_timeout)
-
-
 # -- queues -----------------------------------------------------------------------------------
-def queue_keys(queue: str, transport_options: dict | None = None) -> list[str]:
-    """The Redis lists that hold queue's waiting messages, one per priority step, as kombu names them."""
-    options = transport_options or {}
-    sep = options.get("sep", KOMBU_SEP)
-    steps = sorted(set(options.get("priority_steps", KOMBU_PRIORITY_STEPS)))
-    prefix = options.get("global_keyprefix", "") or ""
-    keys = []
-    for step in steps:
-        # kombu's _q_for_pri: the step that priority 0 maps to is the bare queue name
-        keys.append(f"{prefix}{queue}{sep}{step}" if step else f"{prefix}{queue}")
-    if f"{prefix}{queue}" not in keys:  # priority_steps without 0: kombu still maps 0 to the bare name
-        keys.insert(0, f"{prefix}{queue}")
-    return keys
-
-
-def queue_depth(client: redis.Redis, queue: str, transport_options: dict | None = None) -> int:
-    """Messages waiting in queue (all priority lists), not counting reserved (unacked) ones."""
-    with client.pipeline(transaction=False) as pipe:
-        for key in queue_keys(queue, transport_options):
-            pipe.llen(key)
-        return sum(int(n or 0) for n in pipe.execute())
-
-
-def unacked_counts(client: redis.Redis, queues: Iterable[str] = QUEUES,
-                   transport_options: dict | None = None) -> dict[str, int]:
-    """Reserved-but-unacknowledged messages per queue (running stages, and prefetched ones).
-
-    A queue declared as ``Queue(name)`` has exchange and routing key ``name``; a message counts
-    for a queue when its routing key, else its exchange, names it.
-    """
-    options = transport_options or {}
-    key = (options.get("global_keyprefix", "") or "") + options.get("unacked_key", KOMBU_UNACKED_KEY)
-    counts = dict.fromkeys(queues, 0)
-    for _tag, value in client.hscan_iter(key, count=500):
-        try:
-            _raw, exchange, routing_key = json.loads(value)
-        except (ValueError, TypeError):
-            continue
-        for name in (routing_key, exchange):
-            if name in counts:
-                counts[name] += 1
-                break
-    return counts
-
-
 def consumers(active_queues: dict[str, list[dict]] | None) -> dict[str, list[str]]:
     """Worker names per queue, from ``app.control.inspect().active_queues()``."""
     found: dict[str, list[str]] = {}
@@ -136,7 +74,10 @@ def _task_row(task: dict) -> dict[str, Any]:
 
 
 def workers_report(app, *, timeout: float = 1.0) -> list[dict[str, Any]]:
-    """Online workers: queues, pool, running tasks (job id, stage, variant), tasks processed.
+    """Online workers: queues, hardware class, pool, running tasks (job id, stage, variant), tasks processed.
+
+    A worker's hardware class is the one its class queue names (``cpu.cpu-avx2`` -> ``cpu-avx2``;
+    see ``worker.__main__``); None for a worker that consumes none.
 
     The first broadcast waits ``timeout`` for replies from workers it does not know; the next
     ones address the workers that answered and return as soon as each has replied.
@@ -153,9 +94,11 @@ def workers_report(app, *, timeout: float = 1.0) -> list[dict[str, Any]]:
         stat = stats.get(name) or {}
         pool = stat.get("pool") or {}
         totals = stat.get("total") or {}
+        queues = sorted(q.get("name") for q in active_queues.get(name) or [] if isinstance(q, dict))
         rows.append({
             "name": name,
-            "queues": sorted(q.get("name") for q in active_queues.get(name) or [] if isinstance(q, dict)),
+            "queues": queues,
+            "hardware_class": next((c for c in map(class_of_queue, queues) if c), None),
             # "celery.concurrency.prefork:TaskPool" -> "prefork"
             "pool": (pool.get("implementation") or "").split(":", 1)[0].rsplit(".", 1)[-1] or None,
             "concurrency": pool.get("max-concurrency"),

@@ -6,6 +6,8 @@ import time
 
 from rich.table import Table
 
+from shared.jobs import STAGE_RUNNING
+
 STATE_STYLE = {"QUEUED": "yellow", "RUNNING": "cyan", "SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "magenta"}
 
 
@@ -40,7 +42,7 @@ def stages_table(job: dict) -> Table:
     for name, stage in stage_rows(job):
         st = stage.get("state", "waiting")
         progress = stage.get("progress")
-        if st == "running" and progress and progress.get("steps"):  # a training stage (compress)
+        if st == STAGE_RUNNING and progress and progress.get("steps"):  # a training stage (compress)
             st = (f"running: epoch {progress['epoch']}/{progress['epochs']} step {progress['step']}/"
                   f"{progress['steps']} loss {progress.get('loss', 0):.4f}")
         if st == "waiting" and stage.get("queue") == "gpu" and state in ("QUEUED", "RUNNING"):
@@ -51,9 +53,9 @@ def stages_table(job: dict) -> Table:
         latency = metrics.get("latency", {})
         fidelity = metrics.get("fidelity", {})
         table.add_row(
-            name, st, stage.get("queue") or "-", stage.get("worker", "-"), _fmt(elapsed, ".1f") + ("s" if elapsed else ""),
-            human_bytes(stage.get("size_bytes")), _fmt(latency.get("p50_ms"), ".1f"),
-            _fmt(fidelity.get("cosine_min"), ".4f"),
+            name, st, stage.get("queue") or "-", stage.get("worker", "-"),
+            _fmt(elapsed, ".1f") + ("s" if elapsed else ""), human_bytes(stage.get("size_bytes")),
+            _fmt(latency.get("p50_ms"), ".1f"), _fmt(fidelity.get("cosine_min"), ".4f"),
         )
     return table
 
@@ -62,21 +64,43 @@ def variants_table(job: dict) -> Table | None:
     rows = job.get("stages", {}).get("select", {}).get("table")
     if not rows:
         return None
-    table = Table(title="variants", title_justify="left")
+    select = job.get("stages", {}).get("select", {})
+    hardware = (select.get("hardware") or {}).get("class")
+    title = "variants" + (f" · timed side by side on {hardware}" if hardware else "")
+    table = Table(title=title, title_justify="left")
     accuracy = any(row.get("accuracy") is not None for row in rows)  # only jobs with model.eval_data have it
-    columns = ["variant", "size", "size ratio", "p50 ms", "p95 ms", "speedup", "cosine min"]
-    for column in columns + (["accuracy"] if accuracy else []) + ["worker", "verdict"]:
+    columns = ["variant", "size", "size ratio", "p50 ms", "p95 ms", "vs fp32 (interval)", "rounds",
+               "cosine min (gate | calib.)"]
+    for column in columns + (["accuracy"] if accuracy else []) + ["hardware", "verdict"]:
         table.add_column(column)
     for row in rows:
         cells = [
             row["variant"], human_bytes(row.get("size_bytes")), _fmt(row.get("size_ratio"), ".2f"),
-            _fmt(row.get("p50_ms"), ".1f"), _fmt(row.get("p95_ms"), ".1f"), _fmt(row.get("speedup"), ".2f"),
-            _fmt(row.get("cosine_min"), ".4f"),
+            _fmt(row.get("p50_ms"), ".1f"), _fmt(row.get("p95_ms"), ".1f"), ratio_cell(row),
+            _fmt(row.get("rounds"), "d"), fidelity_cell(row),
         ]
         if accuracy:
             cells.append(accuracy_cell(row))
-        table.add_row(*cells, row.get("worker", "-"), row.get("verdict", "-"))
+        table.add_row(*cells, row.get("hardware_class") or "-", row.get("verdict", "-"))
     return table
+
+
+def ratio_cell(row: dict) -> str:
+    """The paired latency ratio to fp32 and its interval: ``0.71x (0.69-0.73)``; fp32 itself is ``1x``."""
+    if row.get("variant") == "fp32" and row.get("p50_ms") is not None:
+        return "1x"
+    if row.get("ratio") is None:
+        return "-"
+    if row.get("ratio_low") is None:
+        return f"{row['ratio']:.2f}x"
+    return f"{row['ratio']:.2f}x ({row['ratio_low']:.2f}-{row['ratio_high']:.2f})"
+
+
+def fidelity_cell(row: dict) -> str:
+    """Cosine min on the gate's held-out rows, then on the calibration rows the optimizers saw."""
+    gate = _fmt(row.get("cosine_min"), ".4f")
+    calibration = row.get("calibration_cosine_min")
+    return gate if calibration is None else f"{gate} | {calibration:.4f}"
 
 
 def accuracy_cell(row: dict) -> str:
@@ -96,12 +120,20 @@ def summary_lines(job: dict) -> list[str]:
     chosen = job.get("result", {}).get("variant")
     if deploy.get("version"):
         lines.append(f"deployed {deploy['model']} version {deploy['version']} as '{deploy['alias']}': {deploy['uri']}")
-    if chosen and chosen in rows and "fp32" in rows:
+    message = job.get("result", {}).get("message")
+    if message:
+        lines.append(message)
+    if chosen and chosen != "fp32" and chosen in rows and "fp32" in rows:
         row, base = rows[chosen], rows["fp32"]
+        speed = ""
+        if row.get("p50_ms") is not None and row.get("ratio") is not None:
+            interval = (f", interval {row['ratio_low']:.2f}-{row['ratio_high']:.2f}"
+                        if row.get("ratio_low") is not None else "")
+            speed = (f", p50 {row['p50_ms']:.1f} ms ({row['ratio']:.2f}x FP32 {_fmt(base.get('p50_ms'), '.1f')} ms "
+                     f"side by side{interval}, {row.get('rounds')} rounds on {row.get('hardware_class') or '?'})")
         lines.append(
             f"{chosen}: {human_bytes(row['size_bytes'])} ({row['size_bytes'] / base['size_bytes']:.2f}x FP32 "
-            f"{human_bytes(base['size_bytes'])}), p50 {row['p50_ms']:.1f} ms ({row['p50_ms'] / base['p50_ms']:.2f}x "
-            f"FP32 {base['p50_ms']:.1f} ms), cosine vs source min {row['cosine_min']:.4f} "
-            f"mean {row['cosine_mean']:.4f}"
+            f"{human_bytes(base['size_bytes'])}){speed}, cosine vs source min {row['cosine_min']:.4f} "
+            f"mean {row['cosine_mean']:.4f} on held-out rows"
         )
     return lines

@@ -26,7 +26,7 @@ def delivery_config(settings: Settings, broker_url: str) -> dict:
         "result_serializer": "json",
         # Nothing reads a stage's Celery result: chain steps get their input in the message, job
         # state lives in the JobStore. Only the optimize variants of a chord header store theirs
-        # (producer.api.build_chain sets ignore_result=False on them) so the chord can join.
+        # (shared.pipeline.build_chain sets ignore_result=False on them) so the chord can join.
         "task_ignore_result": True,
         "event_serializer": "json",
         "accept_content": ["json"],
@@ -49,7 +49,9 @@ def delivery_config(settings: Settings, broker_url: str) -> dict:
         "broker_connection_max_retries": None,
         "task_default_queue": "cpu",
         "task_queues": [Queue(name) for name in QUEUES],
-        "task_create_missing_queues": False,
+        # Besides the pools, each worker consumes its hardware-class queue "<pool>.<class>" (cpu.cpu-avx2),
+        # which a job's optimize.target names: an open set, declared by whoever uses one first.
+        "task_create_missing_queues": True,
         # No STARTED write to the result backend (a GET and a SET + PUBLISH per task): nothing reads a
         # task's Celery state (the job record says what runs), and Flower sees task-started events.
         "task_track_started": False,

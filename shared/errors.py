@@ -30,3 +30,12 @@ class NotFound(ModelyardError):
 
 class PreconditionFailed(ModelyardError):
     """A compare-and-swap write lost the race (the object exists or changed)."""
+
+
+MESSAGE_LIMIT = 300  # characters of a library's complaint quoted in a user-facing message
+
+
+def one_line(text: object, limit: int = MESSAGE_LIMIT) -> str:
+    """Any message (an exception, a tool's output) as one trimmed line, for a job's error."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -23,6 +23,10 @@ import redis
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+# A stage's state in the job record (lower case, as shown in the stage table).
+STAGE_RUNNING, STAGE_DONE, STAGE_CACHED = "running", "done", "cached"
+STAGE_FAILED, STAGE_CANCELLED = "failed", "cancelled"
+STAGE_FINISHED = (STAGE_DONE, STAGE_CACHED, STAGE_FAILED, STAGE_CANCELLED)
 PREFIX = "modelyard:job:"
 INDEX = "modelyard:jobs"
 

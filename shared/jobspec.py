@@ -1,5 +1,9 @@
 """The job file schema. Unknown keys are rejected; every error names its field.
 
+This is the schema only: whether the format, the variants and their params exist is for the
+plugins to say, and ``worker.plugins.catalog.check_job`` checks a parsed job against them
+(the producer before it submits, the worker when it reads a job).
+
 A job names a model and the stages to run on it::
 
     model: {name: minilm, source: ./models/minilm, format: hf-transformers, task: feature-extraction}
@@ -51,9 +55,13 @@ class ModelSpec(Strict):
     inputs: list[TensorSpec] | None = None
     factory: str | None = Field(default=None, description="module:callable building a torch architecture")
     samples: str | None = Field(default=None, description=".npz of sample inputs (keys are input names); "
-                                "for hf-transformers models also a .txt, one example per line")
+                                "for formats that take text (hf-transformers) also a .txt, one example per line")
     eval_data: str | None = Field(default=None, min_length=1,
                                   description=".npz of the model's inputs plus 'labels' (class ids): accuracy")
+    gate_samples: str | None = Field(
+        default=None, min_length=1,
+        description="held-out inputs the optimize gate measures fidelity on (no optimizer sees them); then every "
+        "row of samples calibrates. The same kind of file as samples (.npz, or .txt for formats that take text)")
 
     @field_validator("name")
     @classmethod
@@ -68,6 +76,21 @@ class ModelSpec(Strict):
         if factory is not None and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", factory):
             raise ValueError("must look like 'package.module:callable'")
         return factory
+
+    @model_validator(mode="after")
+    def _gate_samples_beside_samples(self) -> ModelSpec:
+        if self.gate_samples is None:
+            return self
+        if self.samples is None:
+            raise ValueError("model.gate_samples needs model.samples: the rows the optimizers calibrate on")
+        if _is_text(self.gate_samples) != _is_text(self.samples):
+            raise ValueError(f"model.gate_samples {self.gate_samples} must be the same kind of file as model.samples "
+                             f"{self.samples} (both .npz, or both .txt)")
+        return self
+
+
+def _is_text(path: str) -> bool:
+    return path.lower().endswith(".txt")
 
 
 class Tolerance(Strict):
@@ -95,6 +118,13 @@ class Gate(Strict):
     accuracy_drop_max: float | None = Field(
         default=None, ge=0, le=1, description="most accuracy (0..1) a variant may lose against fp32's; needs eval_data"
     )
+    # text-generation models (shared.inference.generation) are gated on these two, not on cosine_min / max_abs
+    perplexity_ratio_max: float | None = Field(
+        default=1.10, ge=1, description="text-generation: most a variant's held-out perplexity may be, as a multiple "
+        "of the fp32 export's")
+    next_token_agreement_min: float | None = Field(
+        default=0.90, ge=0, le=1, description="text-generation: least share of held-out positions where the "
+        "variant's greedy next token is the source model's")
 
 
 BASELINE = "fp32"  # the converted model as is: every job measures it as the reference point
@@ -133,6 +163,13 @@ class OptimizeSpec(Strict):
     variants: list[VariantSpec] = Field(min_length=1, max_length=32)
     gate: Gate = Gate()
     objective: Literal["latency", "size"] = "latency"
+    require_improvement: bool = Field(
+        default=False, description="fail the job when no variant beats fp32 (nothing passed the gate, or, for "
+        "objective latency, nothing was measurably faster) instead of deploying fp32")
+    target: str | None = Field(
+        default=None, pattern=r"^(cpu|gpu)-[a-z0-9][a-z0-9._-]{0,62}$",
+        description="hardware class the variants are timed on (cpu-avx2, cpu-avx512-vnni, cpu-amx, gpu-<name>): "
+        "the timing runs on a worker of that class (`modelyard workers` lists them)")
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -161,14 +198,10 @@ class OptimizeSpec(Strict):
         return next(v for v in self.variants if v.id == variant_id)
 
 
-TEXT_SAMPLES = (".txt",)  # model.samples given as text, one example per line (hf-transformers)
-PRUNE_METHODS = {"layers": "hf-transformers", "heads": "hf-transformers", "ffn-neurons": "hf-transformers",
-                 "channels": "torch-state-dict"}
-
-
 class PruneSpec(Strict):
     """What to remove. ``keep``: an int is a count (layers kept; heads, neurons or channels kept per layer),
-    a float in (0, 1) the fraction kept."""
+    a float in (0, 1) the fraction kept. Which methods a format supports is the converter plugin's to say
+    (``Converter.prune_methods``, checked by ``worker.plugins.catalog.check_job``)."""
 
     method: Literal["layers", "heads", "ffn-neurons", "channels"]
     keep: int | float
@@ -202,9 +235,57 @@ class CompressSpec(Strict):
     distill: DistillSpec | None = None
 
 
+VERTEX_ALIAS = re.compile(r"^[a-z][a-z0-9-]{0,126}[a-z0-9]$")  # Vertex AI's version alias format
+
+
+class VertexSpec(Strict):
+    """Also release the deployed version on Vertex AI (``shared.vertex``): a new version of a
+    Model Registry model, with the alias, deployed to an endpoint with a share of its traffic.
+
+    ``serving``: ``triton`` (NVIDIA Triton reading the model repository; ONNX versions) or
+    ``modelyard`` (``modelyard serve --vertex`` reading the version's folder; any format).
+    Unset: triton for ONNX, modelyard otherwise. ``serving_image`` overrides the image the
+    worker's settings name for it (``MODELYARD_VERTEX_TRITON_IMAGE`` / ``_SERVING_IMAGE``).
+    """
+
+    project: str = Field(pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$", description="Google Cloud project id")
+    region: str = Field(default="us-central1", pattern=r"^[a-z]+-[a-z]+[0-9]+$")
+    model: str | None = Field(default=None, min_length=1, max_length=128,
+                              description="registry model: display name, id or resource name; default model.name")
+    endpoint: str | None = Field(default=None, min_length=1, max_length=128,
+                                 description="endpoint id, resource name or display name (created if missing); "
+                                 "default model.name")
+    machine_type: str = Field(default="n1-standard-4", pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")
+    accelerator_type: str | None = Field(default=None, pattern=r"^[A-Z][A-Z0-9_]{1,62}$",
+                                         description="e.g. NVIDIA_L4, NVIDIA_TESLA_T4")
+    accelerator_count: int = Field(default=1, ge=1, le=16)
+    min_replicas: int = Field(default=1, ge=1, le=1000)
+    max_replicas: int | None = Field(default=None, ge=1, le=1000)
+    traffic_percentage: int = Field(default=100, ge=0, le=100,
+                                    description="share of the endpoint's traffic for the new version")
+    serving: Literal["triton", "modelyard"] | None = None
+    serving_image: str | None = Field(default=None, min_length=1, max_length=1024)
+    version_alias: str | None = Field(default=None, description="the registry version alias; default deploy.alias")
+
+    @field_validator("version_alias")
+    @classmethod
+    def _vertex_alias(cls, alias: str | None) -> str | None:
+        if alias is not None and not VERTEX_ALIAS.match(alias):
+            raise ValueError("a Vertex AI version alias is 2-128 lowercase letters, digits and '-', starting with "
+                             "a letter and not ending with '-'")
+        return alias
+
+    @model_validator(mode="after")
+    def _replicas_ordered(self) -> VertexSpec:
+        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
 class DeploySpec(Strict):
     repository: str = Field(min_length=1)
     alias: str = "production"
+    vertex: VertexSpec | None = None
 
     @field_validator("alias")
     @classmethod
@@ -212,6 +293,23 @@ class DeploySpec(Strict):
         if not NAME.match(alias):
             raise ValueError("must be lowercase letters, digits, '.', '_' or '-'")
         return alias
+
+    @model_validator(mode="after")
+    def _vertex_reads_cloud_storage(self) -> DeploySpec:
+        if self.vertex is None:
+            return self
+        if not self.repository.startswith("gs://"):
+            raise ValueError(f"deploy.vertex needs deploy.repository to be a gs:// URI (Vertex AI reads model "
+                             f"artifacts from Cloud Storage), not {self.repository!r}")
+        if self.vertex.version_alias is None and not VERTEX_ALIAS.match(self.alias):
+            raise ValueError(f"deploy.alias {self.alias!r} is not a valid Vertex AI version alias (lowercase "
+                             "letters, digits and '-', starting with a letter): set deploy.vertex.version_alias")
+        return self
+
+    @property
+    def vertex_alias(self) -> str:
+        """The alias the Vertex AI registry version gets."""
+        return self.vertex.version_alias if self.vertex and self.vertex.version_alias else self.alias
 
 
 class JobSpec(Strict):
@@ -226,27 +324,25 @@ class JobSpec(Strict):
     )
 
     @model_validator(mode="after")
-    def _known_plugins(self) -> JobSpec:
-        from worker.plugins import registry  # light: plugins import their frameworks lazily
+    def _vertex_triton_serves_onnx(self) -> JobSpec:
+        vertex = self.deploy.vertex if self.deploy else None
+        if vertex is not None and vertex.serving == "triton" and self.convert.to != "onnx":
+            raise ValueError(f"deploy.vertex.serving 'triton' cannot serve a {self.convert.to} model (standard "
+                             "Triton images have no TFLite backend): use serving: modelyard")
+        return self
 
-        if self.model.format not in registry.converters:
-            known = ", ".join(sorted(registry.converters))
-            raise ValueError(f"model.format {self.model.format!r} is not a known format (known: {known})")
-        if self.model.samples and self.model.samples.lower().endswith(TEXT_SAMPLES) and self.model.format != "hf-transformers":
-            raise ValueError(f"model.samples {self.model.samples}: text samples (.txt) are for format 'hf-transformers'; "
-                             f"give format {self.model.format!r} an .npz of its inputs")
-        if self.compress and PRUNE_METHODS[self.compress.prune.method] != self.model.format:
-            method = self.compress.prune.method
-            raise ValueError(f"compress.prune.method {method!r} applies to format {PRUNE_METHODS[method]!r} models, "
-                             f"not {self.model.format!r}")
+    @model_validator(mode="after")
+    def _accuracy_gate_has_data(self) -> JobSpec:
         if self.optimize and self.optimize.gate.accuracy_drop_max is not None and self.model.eval_data is None:
             raise ValueError("optimize.gate.accuracy_drop_max needs labelled data to measure accuracy on: "
                              "set model.eval_data (an .npz of the model's inputs plus 'labels')")
-        for variant in self.optimize.variants if self.optimize else []:
-            for part in variant.parts:
-                if part not in registry.optimizers:
-                    known = ", ".join(sorted(registry.optimizers))
-                    raise ValueError(f"optimize.variants: {variant.of!r} is not a known variant (known: {known})")
+        return self
+
+    @model_validator(mode="after")
+    def _compress_is_for_encoders(self) -> JobSpec:
+        if self.compress and self.model.task == "text-generation":
+            raise ValueError("compress (prune, distill) applies to encoder and CNN models; a text-generation model "
+                             "goes straight to convert and its int4 / int8-weights variants")
         return self
 
 

@@ -4,12 +4,20 @@ A step is identified by its *step key*: the hash of its input digest, stage name
 and the versions of the tools that ran it. Same key, same result: a worker that finds the
 manifest for a key returns it instead of recomputing. The manifest is written last, so its
 presence means every output it lists is already stored.
+
+Every submitter can write to the artifact store, so a manifest is only trusted when it proves a
+worker wrote it: with ``MODELYARD_STEP_SIGNING_KEY`` set (a key the workers hold, the producer
+does not), ``save_manifest`` adds an HMAC-SHA256 of the manifest's canonical JSON and
+``load_manifest`` treats a manifest whose HMAC does not verify, or that is stored under another
+step's key, as absent: the step is computed again and its manifest overwritten.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import logging
 import socket
 import time
 from dataclasses import dataclass, field
@@ -18,6 +26,8 @@ from typing import Any
 from shared.storage import ArtifactStore, FileRef
 
 MANIFEST_VERSION = 1
+SIGNATURE = "signature"
+log = logging.getLogger("modelyard.manifest")
 
 
 def step_key(*, stage: str, input_digest: str, params: dict[str, Any], tools: dict[str, str]) -> str:
@@ -96,10 +106,38 @@ class Manifest:
         return sum(f.size for f in self.files)
 
 
-def load_manifest(store: ArtifactStore, key: str) -> Manifest | None:
+def _canonical(data: dict) -> bytes:
+    body = {k: v for k, v in data.items() if k != SIGNATURE}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def sign(data: dict, signing_key: bytes) -> str:
+    return hmac.new(signing_key, _canonical(data), hashlib.sha256).hexdigest()
+
+
+def load_manifest(store: ArtifactStore, key: str, *, signing_key: bytes | None = None) -> Manifest | None:
+    """The manifest of step ``key``, or None when there is none that can be trusted."""
     data = store.read_json_or_none(manifest_key(key))
-    return Manifest.from_dict(data) if data else None
+    if not data:
+        return None
+    if not isinstance(data, dict) or data.get("step_key") != key:
+        log.warning("step manifest %s names another step: not trusted, the step is computed again", key[:12])
+        return None
+    if signing_key is not None:
+        signature = data.get(SIGNATURE)
+        if not isinstance(signature, str) or not hmac.compare_digest(signature, sign(data, signing_key)):
+            log.warning("step manifest %s does not verify against MODELYARD_STEP_SIGNING_KEY: not trusted, "
+                        "the step is computed again", key[:12])
+            return None
+    try:
+        return Manifest.from_dict(data)
+    except (KeyError, TypeError, ValueError):
+        log.warning("step manifest %s is malformed: the step is computed again", key[:12])
+        return None
 
 
-def save_manifest(store: ArtifactStore, manifest: Manifest) -> None:
-    store.write_json(manifest_key(manifest.step_key), manifest.to_dict())
+def save_manifest(store: ArtifactStore, manifest: Manifest, *, signing_key: bytes | None = None) -> None:
+    data = manifest.to_dict()
+    if signing_key is not None:
+        data[SIGNATURE] = sign(data, signing_key)
+    store.write_json(manifest_key(manifest.step_key), data)

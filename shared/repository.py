@@ -2,15 +2,23 @@
 
 Layout under the repository URI (file:// or gs://)::
 
-    <model>/config.pbtxt              Triton model configuration
+    <model>/config.pbtxt              Triton's config: the versions aliases point to (shared.triton)
     <model>/aliases.json              alias → version, with each alias's history
-    <model>/<version>/model.onnx      (or model.tflite; external data beside it)
-    <model>/<version>/manifest.json   lineage; written last, so a version with it is complete
+    <model>/<version>/model.onnx      (or model.tflite; external data, trt_cache/ beside it)
+    <model>/<version>/config.pbtxt    this version's own config (Triton ignores it; a record)
+    <model>/<version>/manifest.json   lineage and config; written last, so a version with it is complete
     <model>/<version>/.claim          who claimed the version number (exclusive create)
 
 Version numbers are claimed with an exclusive create (a GCS ``ifGenerationMatch=0``
 precondition on gs://, a locked check on file://), so racing deploys never share one.
 Aliases move by compare-and-swap on the generation of ``aliases.json``.
+
+The model-level ``config.pbtxt`` is rewritten after every publish, alias move and rollback
+(:meth:`ModelRepository.write_triton_config`): one object replaced whole (an atomic rename on
+file://, an object write on gs://), by compare-and-swap on its generation, with the aliases
+read *after* that generation, so the last writer always wrote from the newest aliases. It lists
+only versions that aliases point to, and an alias can only point to a complete version, so
+Triton never loads a version being uploaded or one a crashed deploy left claimed.
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ from typing import Any
 
 from shared.errors import NotFound, PreconditionFailed, UserInputError
 from shared.storage import ArtifactStore, open_store
+from shared.triton import ServedPlan, TritonConfig, plan_served
 
 VERSION_DIR = re.compile(r"^([^/]+)/(\d+)/manifest\.json$")
+CONFIG = "config.pbtxt"
 
 
 class ModelRepository:
@@ -99,12 +109,57 @@ class ModelRepository:
                 version += 1
         raise PreconditionFailed(f"{self.uri}: could not claim a version of {model!r}")
 
-    def publish(self, model: str, version: int, files: dict[str, Path], manifest: dict, config: str) -> None:
-        """Upload a version's files, the Triton config, and the manifest last."""
+    def publish(self, model: str, version: int, files: dict[str, Path], manifest: dict, *,
+                config: TritonConfig | None = None) -> None:
+        """Upload a version's files and its own config, the manifest last, then Triton's config.
+
+        ``config`` defaults to one derived from the manifest's format, inputs and outputs; the
+        manifest gains it (``triton``) and who can serve the version (``served_by``).
+        """
+        config = config or TritonConfig.from_manifest(model, manifest)
+        manifest = {**manifest, "triton": config.to_dict(), "served_by": config.served_by}
         for name, path in files.items():
             self.store.put_object(f"{model}/{version}/{name}", path)
-        self.store._write_bytes(f"{model}/config.pbtxt", config.encode(), if_generation=None)
+        own = config.render([version], [f"Version {version}'s own config; Triton reads ../{CONFIG}."])
+        self.store._write_bytes(f"{model}/{version}/{CONFIG}", own.encode(), if_generation=None)
         self.store.write_json(f"{model}/{version}/manifest.json", manifest)
+        self.write_triton_config(model)
+
+    def triton_config(self, model: str, version: int) -> TritonConfig:
+        return TritonConfig.from_manifest(model, self.manifest(model, version))
+
+    def served_plan(self, model: str) -> ServedPlan | None:
+        """Which versions Triton should load now (see shared.triton.plan_served)."""
+        versions = self.versions(model)
+        latest = versions[-1] if versions else None
+        # An alias on a version whose manifest is gone (deleted by hand) cannot be served: left out.
+        aliases = {name: entry for name, entry in self.aliases(model).items()
+                   if entry.get("version") is not None and int(entry["version"]) in versions}
+        wanted = {int(entry["version"]) for entry in aliases.values()} | ({latest} if latest is not None else set())
+        configs = {version: self.triton_config(model, version) for version in wanted}
+        return plan_served(aliases, configs, latest)
+
+    def write_triton_config(self, model: str) -> ServedPlan | None:
+        """Rewrite ``<model>/config.pbtxt`` from the aliases as they are now; unchanged text is not rewritten."""
+        key = f"{model}/{CONFIG}"
+        for _ in range(100):
+            try:
+                current, generation = self.store._read_bytes(key)
+            except NotFound:
+                current, generation = None, 0
+            plan = self.served_plan(model)  # read after the generation: a newer writer makes ours fail
+            if plan is None:
+                return None
+            config = self.triton_config(model, plan.primary)
+            text = config.render(plan.versions, plan.comments(config)).encode()
+            if text == current:
+                return plan
+            try:
+                self.store._write_bytes(key, text, if_generation=generation)
+                return plan
+            except PreconditionFailed:
+                time.sleep(0.05)
+        raise PreconditionFailed(f"{self.uri}: the Triton config of {model!r} kept changing; try again")
 
     def set_alias(self, model: str, alias: str, version: int, *, reason: str = "deploy") -> int | None:
         """Point alias at version; returns the version it pointed at before (None if new)."""
@@ -118,7 +173,9 @@ class ModelRepository:
                 entry["version"] = version
             return previous
 
-        return self._update_aliases(model, change)
+        previous = self._update_aliases(model, change)
+        self.write_triton_config(model)
+        return previous
 
     def rollback(self, model: str, alias: str) -> tuple[int, int]:
         """Move alias back to the version it pointed at before its last change."""
@@ -136,7 +193,9 @@ class ModelRepository:
             entry["version"] = previous
             return current, previous
 
-        return self._update_aliases(model, change)
+        moved = self._update_aliases(model, change)
+        self.write_triton_config(model)
+        return moved
 
     def _aliases(self, model: str) -> tuple[dict, int]:
         try:

@@ -1,10 +1,11 @@
 """Run the compress stage outside Celery: a job record in the test Redis, the source in a file store.
 
 ``record_job`` records a job with ``producer.api.record``, as ``producer.api.submit`` does before
-enqueueing (upload the source and the distillation data, record the job), so a test can call ``run_compress`` in this process or in a
-subprocess it can kill. ``python -m tests.compress_jobs JOB_ID`` runs the stage for a recorded job
-(broker and store from the MODELYARD_* environment); ``--pause-after-epoch N`` stops it dead
-(sleeps) right after epoch N's checkpoint is stored, so a test can ``kill -9`` it there.
+enqueueing (upload the source and the distillation data, record the job), so a test can call
+``run_compress`` in this process or in a subprocess it can kill. ``python -m tests.compress_jobs
+JOB_ID`` runs the stage for a recorded job (broker and store from the MODELYARD_* environment);
+``--pause-after-epoch N`` stops it dead (sleeps) right after epoch N's checkpoint is stored, so a
+test can ``kill -9`` it there.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ def redis_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def service_env(redis_server, gcs_emulator, tmp_path_factory) -> dict[str, str]:  # noqa: F811
+def service_env(redis_server, gcs_emulator, tmp_path_factory) -> dict[str, str]:
     """Environment pointing the producer and workers at the private Redis, a store folder and the GCS emulator."""
     home = tmp_path_factory.mktemp("home")
     return {
@@ -37,6 +37,8 @@ def service_env(redis_server, gcs_emulator, tmp_path_factory) -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         # torchvision's PyPI wheel does not import next to torch 2.13.0+cpu: tests bring their own ResNet
         "MODELYARD_ALLOWED_FACTORIES": '["torchvision.models:*", "tests.models.resnet:*"]',
+        "MODELYARD_ALLOWED_REPOSITORIES": '["file://*", "gs://*"]',
+        "MODELYARD_STEP_SIGNING_KEY": "test-workers-only-key",
     }
 
 

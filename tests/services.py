@@ -41,7 +41,8 @@ class Cluster:
     folder: Path
     workers: list[WorkerProcess] = field(default_factory=list)
 
-    def start_worker(self, pool: str, name: str, *, concurrency: int = 1, extra_env: dict | None = None) -> WorkerProcess:
+    def start_worker(self, pool: str, name: str, *, concurrency: int = 1,
+                     extra_env: dict | None = None) -> WorkerProcess:
         log = self.folder / f"worker-{name.replace('@', '-')}.log"
         args = [sys.executable, "-m", "producer", "worker", "--pool", pool, "--name", name,
                 "--concurrency", str(concurrency)]

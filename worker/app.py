@@ -9,6 +9,7 @@ from __future__ import annotations
 from shared.celery_app import make_celery
 from shared.settings import get_settings
 from worker import gpu  # noqa: F401  (pins each gpu-pool child to its GPU in worker_process_init)
+from worker.sandbox import startup  # noqa: F401  (checks the model-load sandbox in worker_init)
 
 app = make_celery(get_settings())
 app.autodiscover_tasks(["worker"], related_name="tasks", force=True)

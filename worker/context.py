@@ -8,9 +8,11 @@ from functools import cached_property
 
 from shared.jobs import CANCELLED, JobStore
 from shared.jobspec import JobSpec
+from shared.manifest import Manifest, load_manifest, save_manifest
 from shared.settings import Settings
 from shared.storage import ArtifactStore, FileRef, open_store
 from worker import metrics
+from worker.plugins.catalog import check_job
 
 
 class JobCancelled(Exception):
@@ -34,11 +36,21 @@ class StageContext:
 
     @cached_property
     def spec(self) -> JobSpec:
-        return JobSpec.model_validate(self.record["spec"])
+        return check_job(JobSpec.model_validate(self.record["spec"]), origin=f"job {self.job_id}")
 
     @cached_property
     def store(self) -> ArtifactStore:
-        return metrics.instrument_store(open_store(self.record["artifact_store"]))
+        """The job's artifact store, its transfers counted in the worker's metrics."""
+        store = open_store(self.record["artifact_store"])
+        store.on_transfer = metrics.bytes_moved
+        return store
+
+    def load_manifest(self, key: str) -> Manifest | None:
+        """A step's manifest, if one exists that a worker provably wrote (see shared.manifest)."""
+        return load_manifest(self.store, key, signing_key=self.settings.signing_key)
+
+    def save_manifest(self, manifest: Manifest) -> None:
+        save_manifest(self.store, manifest, signing_key=self.settings.signing_key)
 
     @property
     def source_files(self) -> list[FileRef]:

@@ -231,17 +231,18 @@ def torch_cuda_figures(source: Path, task: str | None, samples: dict, reference:
     """
     import numpy as np
     import torch
-    import transformers
 
-    from worker.fidelity import compare
-    from worker.plugins.hf_transformers import TASKS, _load_model, pooling_of, task_output
+    from shared.inference.fidelity import compare
+    from worker.support.sentence_pooling import pooling_of
+    from worker.support.transformers_models import TASKS, load_model, task_output
 
     task = task if task in TASKS else "feature-extraction"
-    auto_name, output_name = TASKS[task]
+    output_name = TASKS[task][1]
     pooling = pooling_of(Path(source), str(source)) if task == "sentence-embedding" else None
-    model = _load_model(Path(source), getattr(transformers, auto_name), str(source)).to(device)
+    model = load_model(Path(source), task, str(source)).to(device)
     feeds = {name: torch.from_numpy(np.ascontiguousarray(value)).to(device) for name, value in samples.items()}
-    figures: dict[str, Any] = {"measures": TORCH_FALLBACK_MEASURES, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else device,
+    figures: dict[str, Any] = {"measures": TORCH_FALLBACK_MEASURES,
+                               "gpu": torch.cuda.get_device_name(0) if device == "cuda" else device,
                                "torch": torch.__version__}
     for label, dtype in (("float32", torch.float32), ("float16", torch.float16)):
         model = model.to(dtype)

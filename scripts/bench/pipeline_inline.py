@@ -4,21 +4,22 @@
 
 The baseline of ``pipeline.py``: what a user who skips modelyard's queue would run. Convert
 with the job's converter plugin and check it against the source framework; build every
-variant (the fp32 baseline and the job's variants) with the optimizer plugins and measure
-each exactly as the optimize stage does (fidelity against the source reference, latency with
-``MODELYARD_BENCH_THREADS`` / ``MODELYARD_BENCH_RUNS``); select with the optimize stage's own
-rule; smoke-check the chosen model and publish it into the job's model repository. No
-Redis, no artifact store, no step cache, no Celery: files stay in a scratch folder.
+variant (the fp32 baseline and the job's variants) with the optimizer plugins on the
+calibration rows and gate each exactly as the optimize stage does (fidelity against the source
+reference on the held-out rows); time fp32 and the variants that passed side by side as the
+select stage does (``shared.inference.paired``, ``MODELYARD_PAIRED_*``); select with the select
+stage's own rule; smoke-check the chosen model and publish it into the job's model repository.
+No Redis, no artifact store, no step cache, no Celery: files stay in a scratch folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -27,10 +28,10 @@ if str(ROOT) not in sys.path:
 
 def convert(spec, source: Path, workdir: Path, settings) -> tuple[Path, object]:
     from shared.errors import UserInputError
-    from worker.fidelity import compare
+    from shared.inference.fidelity import compare
+    from shared.inference.runtime import load_session
     from worker.plugins import registry
     from worker.plugins.base import ConvertRequest
-    from worker.runtime import load_session
 
     out = workdir / "convert"
     out.mkdir()
@@ -44,6 +45,14 @@ def convert(spec, source: Path, workdir: Path, settings) -> tuple[Path, object]:
     return model, result
 
 
+def holdout(converted):
+    """The calibration and gate parts of the conversion's samples, split as the optimize stage splits them."""
+    from worker.stages.holdout import fixed_batch, split
+
+    return split(converted.samples, converted.reference, gate_rows=None,
+                 fixed=fixed_batch(converted.inputs, converted.model_file))
+
+
 def build_variant(spec, variant: str, model: Path, converted, workdir: Path) -> Path:
     from shared.jobspec import BASELINE
     from worker.plugins import registry
@@ -51,44 +60,72 @@ def build_variant(spec, variant: str, model: Path, converted, workdir: Path) -> 
 
     if variant == BASELINE:
         return model
+    part = holdout(converted)
     variant_spec = spec.optimize.variant(variant)
     for index, name in enumerate(variant_spec.parts):
         step = workdir / f"{variant}-{index}-{name}"
         step.mkdir()
         model = registry.optimizer(name).optimize(OptimizeRequest(
-            model=model, workdir=step, samples=converted.samples, task=spec.model.task,
-            inputs=converted.inputs, outputs=converted.outputs, params=variant_spec.params_for(name)))
+            model=model, workdir=step, samples=part.calibration, reference=part.calibration_reference,
+            gate=spec.optimize.gate.model_dump(mode="json"), task=spec.model.task, inputs=converted.inputs,
+            outputs=converted.outputs, params=variant_spec.params_for(name)))
     return model
 
 
 def measure(model: Path, converted, settings) -> dict:
-    from worker.fidelity import compare
-    from worker.latency import measure as measure_latency
-    from worker.runtime import load_session
-    from worker.stages.optimize import _model_files
+    """Fidelity on the held-out (gate) rows and size, as the optimize stage measures them; no timing."""
+    from shared.inference.fidelity import compare
+    from shared.inference.runtime import load_session
+    from worker.stages.optimize import model_files
 
+    part = holdout(converted)
     session = load_session(model, threads=settings.bench_threads)
-    fidelity = compare(converted.reference, session.run(converted.samples))
-    latency = measure_latency(session, converted.samples, runs=settings.bench_runs, warmup=settings.bench_warmup)
-    size = sum(p.stat().st_size for p in _model_files(model))
-    return {"fidelity": fidelity, "latency": latency, "size_bytes": size}
+    fidelity = compare(part.gate_reference, session.run(part.gate))
+    size = sum(p.stat().st_size for p in model_files(model))
+    return {"fidelity": fidelity, "size_bytes": size}
+
+
+def time_side_by_side(models: dict[str, Path], converted, settings) -> tuple[dict, dict]:
+    """fp32 and the variants (``models``: name -> model file, "fp32" among them), timed as the select stage does."""
+    from shared.inference.hardware import describe
+    from shared.inference.paired import measure_paired
+    from shared.inference.runtime import load_session
+    from worker.stages.select_measure import plan_of
+
+    runners = {}
+    for name, path in models.items():
+        session = load_session(path, threads=settings.bench_threads)
+        runners[name] = functools.partial(session._run, session._prepare(converted.samples))  # inference only
+    hardware = describe(threads=settings.bench_threads, provider="CPUExecutionProvider")
+    return measure_paired(runners, "fp32", plan_of(settings)), hardware
+
+
+def select_rows(spec, rows: list[dict], converted, settings):
+    """The select stage's decision over rows built by hand (``step_key``: the model file's path)."""
+    from worker.stages.select import annotate, choose
+
+    timed = {r["variant"]: Path(r["step_key"]) for r in rows if r["variant"] == "fp32" or r["passed"]}
+    measurement, hardware = time_side_by_side(timed, converted, settings)
+    annotate(rows, measurement, hardware)
+    return choose(spec.optimize, rows, measurement=measurement, hardware_class=hardware["class"],
+                  deploying=spec.deploy is not None)
 
 
 def deploy(spec, model: Path, converted, settings) -> int:
     from shared.errors import UserInputError
+    from shared.inference.fidelity import compare
+    from shared.inference.runtime import load_session
     from shared.repository import ModelRepository
     from shared.storage import FileRef, digest_of_files, sha256_file
-    from shared.triton import config_pbtxt
-    from worker.fidelity import compare
-    from worker.runtime import load_session
-    from worker.stages.optimize import _model_files, gate_verdict
+    from worker.stages.optimize import gate_verdict, model_files
 
+    part = holdout(converted)
     session = load_session(model, threads=settings.bench_threads)  # the smoke gate
-    passed, reason = gate_verdict(spec.optimize.gate, {"fidelity": compare(converted.reference,
-                                                                            session.run(converted.samples))})
+    passed, reason = gate_verdict(spec.optimize.gate, {"fidelity": compare(part.gate_reference,
+                                                                            session.run(part.gate))})
     if not passed:
         raise UserInputError(f"deploy smoke gate failed: {reason}")
-    files = _model_files(model)
+    files = model_files(model)
     digest = digest_of_files([FileRef(p.name, sha256_file(p), p.stat().st_size) for p in files])
     repository = ModelRepository.open(spec.deploy.repository)
     name = spec.model.name
@@ -100,8 +137,7 @@ def deploy(spec, model: Path, converted, settings) -> int:
         outputs = [t.to_dict() for t in converted.outputs]
         manifest = {"model": name, "version": version, "created": time.time(), "artifact_digest": digest,
                     "model_file": target, "format": spec.convert.to, "inputs": inputs, "outputs": outputs}
-        repository.publish(name, version, {(target if p == model else p.name): p for p in files}, manifest,
-                           config_pbtxt(name, spec.convert.to, inputs, outputs))
+        repository.publish(name, version, {(target if p == model else p.name): p for p in files}, manifest)
     repository.set_alias(name, spec.deploy.alias, version, reason="inline benchmark")
     return version
 
@@ -110,7 +146,7 @@ def run_job(job_file: Path, *, scratch: Path | None = None) -> dict:
     """Do the job's work once; returns the wall seconds of each part and the selected variant."""
     from shared.jobspec import BASELINE, load_job
     from shared.settings import Settings
-    from worker.stages.optimize import gate_verdict, select
+    from worker.stages.optimize import gate_verdict
 
     settings = Settings()
     spec, base = load_job(job_file)
@@ -134,9 +170,11 @@ def run_job(job_file: Path, *, scratch: Path | None = None) -> dict:
                 walls[f"optimize:{variant}"] = time.perf_counter() - t0
                 passed, reason = gate_verdict(spec.optimize.gate, metrics)
                 rows.append({"variant": variant, "step_key": str(built), "convert_key": str(model),
-                             "size_bytes": metrics["size_bytes"], "p50_ms": metrics["latency"]["p50_ms"],
-                             "cosine_min": metrics["fidelity"]["cosine_min"], "passed": passed, "reason": reason})
-            best, _table = select(SimpleNamespace(spec=spec), rows)
+                             "size_bytes": metrics["size_bytes"], "cosine_min": metrics["fidelity"]["cosine_min"],
+                             "passed": passed, "reason": reason})
+            t0 = time.perf_counter()
+            best = select_rows(spec, rows, converted, settings).best
+            walls["select"] = time.perf_counter() - t0
             if best is None:
                 raise SystemExit("no variant passed the gate")
             selected = best["variant"]

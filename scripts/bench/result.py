@@ -39,12 +39,12 @@ def main() -> None:
     import pipeline_inline
     from services import job_yaml, minilm_dir
 
+    from shared.inference.fidelity import compare
+    from shared.inference.latency import measure
+    from shared.inference.runtime import load_session
     from shared.jobspec import parse_job
     from shared.settings import Settings
-    from worker.fidelity import compare
-    from worker.latency import measure
-    from worker.runtime import load_session
-    from worker.stages.optimize import _model_files, gate_verdict, select
+    from worker.stages.optimize import _model_files, gate_verdict
 
     optimum = common.optimum_for(report, args.skip_optimum)
 
@@ -62,8 +62,9 @@ def main() -> None:
             metrics = pipeline_inline.measure(model, converted, settings)
             passed, reason = gate_verdict(spec.optimize.gate, metrics)
             rows.append({"variant": variant, "step_key": str(model), "size_bytes": metrics["size_bytes"],
-                         "p50_ms": metrics["latency"]["p50_ms"], "passed": passed, "reason": reason})
-        best, table = select(type("Ctx", (), {"spec": spec})(), rows)
+                         "passed": passed, "reason": reason})
+        selection = pipeline_inline.select_rows(spec, rows, converted, settings)  # timed side by side, as the job
+        best, table = selection.best, selection.table
         selected = best["variant"] if best else None
         verdicts = {row["variant"]: row["verdict"] for row in table}
         report.log(f"selected: {selected} ({verdicts})")

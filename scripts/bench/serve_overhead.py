@@ -1,4 +1,4 @@
-"""HTTP overhead of the inference server (worker/serving.py) against ONNX Runtime in-process.
+"""HTTP overhead of the inference server (the serving package) against ONNX Runtime in-process.
 
     python scripts/bench/serve_overhead.py [--seconds 4] [--threads 1] [--sequence 128]
                                            [--onnx model.onnx] [--json bench-results/serve_overhead.json]
@@ -9,7 +9,7 @@ folder (kept, so a second run skips it; ``--onnx`` uses a file you have), publis
 version 1 of a file:// model repository, and measures at batch 1, sequence 128, int64
 input_ids / attention_mask / token_type_ids, one request at a time:
 
-* ``in-process``: ``worker.runtime.load_session(...).run(feeds)`` in this process;
+* ``in-process``: ``shared.inference.runtime.load_session(...).run(feeds)`` in this process;
 * ``HTTP JSON``: ``POST /v2/models/minilm/infer`` to ``modelyard serve`` (a separate process,
   same ONNX Runtime thread count), JSON tensors both ways, keep-alive connection;
 * ``HTTP binary``: the same with Triton's binary tensor extension both ways;
@@ -76,9 +76,8 @@ def export_minilm(out: Path, sequence: int) -> Path:
 
 
 def publish(repo_dir: Path, onnx_file: Path) -> str:
+    from shared.inference.runtime import load_session
     from shared.repository import ModelRepository
-    from shared.triton import config_pbtxt
-    from worker.runtime import load_session
 
     repo = ModelRepository.open(repo_dir.as_uri())
     if repo.versions(MODEL):
@@ -89,8 +88,7 @@ def publish(repo_dir: Path, onnx_file: Path) -> str:
     version = repo.claim_version(MODEL, {"bench": True})
     repo.publish(MODEL, version, {"model.onnx": onnx_file},
                  {"model": MODEL, "version": version, "model_file": "model.onnx", "format": "onnx",
-                  "inputs": inputs, "outputs": outputs},
-                 config_pbtxt(MODEL, "onnx", inputs, outputs))
+                  "inputs": inputs, "outputs": outputs})
     repo.set_alias(MODEL, "production", version)
     return repo.uri
 
@@ -207,7 +205,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "serve_overhead.json")
     args = parser.parse_args()
 
-    from worker.runtime import load_session
+    from shared.inference.runtime import load_session
 
     args.scratch.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

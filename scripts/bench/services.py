@@ -175,7 +175,8 @@ def job_yaml(*, source: Path, variants: list[str] | None, repository: Path | Non
         f"convert: {{to: onnx, opset: 17, samples: {{batch: {batch}, sequence: {sequence}, seed: {seed}}}}}",
     ]
     if variants:
-        lines.append(f"optimize: {{variants: [{', '.join(variants)}], gate: {{cosine_min: 0.99}}, objective: {objective}}}")
+        lines.append(f"optimize: {{variants: [{', '.join(variants)}], gate: {{cosine_min: 0.99}}, "
+                     f"objective: {objective}}}")
     if repository is not None:
         lines.append(f"deploy: {{repository: '{repository.as_uri()}', alias: production}}")
     lines.append("device: cpu")
@@ -194,7 +195,8 @@ def fresh_store(stack: Stack) -> str:
     return (stack.folder / f"artifacts-{uuid.uuid4().hex[:8]}").as_uri()
 
 
-def run_jobs(job_files: list[Path], *, store: str, timeout: float = 3600, poll: float = 0.05) -> tuple[float, list[dict]]:
+def run_jobs(job_files: list[Path], *, store: str, timeout: float = 3600,
+             poll: float = 0.05) -> tuple[float, list[dict]]:
     """Submit the jobs into store, wait for all; wall seconds from the first submit, and the jobs."""
     from producer import api
     from shared.jobs import TERMINAL

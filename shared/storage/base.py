@@ -4,25 +4,42 @@ Backends implement a handful of raw object operations on string keys; everything
 (content addressing, checksum verification, folders of files) lives here once.
 
 Layout under the store's root:
-    blobs/sha256/<aa>/<digest>      file contents, immutable, named by their sha256
+    blobs/sha256/<aa>/<digest>      file contents, immutable, named by their sha256 (workers write)
+    uploads/sha256/<aa>/<digest>    what producers upload (sources, samples, data): untrusted inputs
     steps/<step key>.json           one manifest per completed step (written last)
     sources/<digest>.json           the file list of an uploaded source
+
+Producer uploads live under their own prefix, so an operator can let submitters write
+``uploads/`` only (e.g. a bucket IAM condition on the object name) while workers alone write
+``blobs/`` and ``steps/``. Either way every download is checked against its sha256.
+
+Transfers can be observed (a worker counts the bytes it moves for its metrics) through the
+store's ``on_transfer`` hook, which the base class calls for every backend; nothing patches a
+backend's raw methods.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 from shared.errors import IntegrityError, NotFound, UserInputError
 
 CHUNK = 8 * 2**20
+
+log = logging.getLogger("modelyard.storage")
+
+Direction = Literal["uploaded", "downloaded"]
+#: ``on_transfer(direction, nbytes)``: called after an object's bytes went to or came from the store
+TransferHook = Callable[[Direction, int], None]
 
 
 @dataclass(frozen=True)
@@ -32,13 +49,20 @@ class FileRef:
     path: str
     digest: str
     size: int
+    area: str = "blobs"  # BLOBS (worker outputs) or UPLOADS (what a producer uploaded)
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "digest": self.digest, "size": self.size}
+        data = {"path": self.path, "digest": self.digest, "size": self.size}
+        if self.area != BLOBS:
+            data["area"] = self.area
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> FileRef:
-        return cls(path=data["path"], digest=data["digest"], size=int(data["size"]))
+        area = data.get("area", BLOBS)
+        if area not in AREAS:
+            raise UserInputError(f"file {data.get('path')!r}: unknown storage area {area!r}")
+        return cls(path=data["path"], digest=data["digest"], size=int(data["size"]), area=area)
 
 
 def sha256_file(path: Path) -> str:
@@ -55,8 +79,12 @@ def digest_of_files(files: list[FileRef]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def blob_key(digest: str) -> str:
-    return f"blobs/sha256/{digest[:2]}/{digest}"
+BLOBS, UPLOADS = "blobs", "uploads"
+AREAS = (BLOBS, UPLOADS)
+
+
+def blob_key(digest: str, area: str = BLOBS) -> str:
+    return f"{area}/sha256/{digest[:2]}/{digest}"
 
 
 def safe_relative(path: str) -> str:
@@ -71,6 +99,12 @@ class ArtifactStore(ABC):
     """Base class: subclasses implement the raw object operations below."""
 
     uri: str
+    #: Set to observe transfers: called as ``on_transfer("uploaded" | "downloaded", nbytes)`` after
+    #: each blob or whole object this store uploaded or downloaded (``put_file``, ``put_object``,
+    #: ``get_file``, ``get_object`` and what goes through them). A blob ``put_file`` finds already
+    #: stored is not uploaded, so not reported; small JSON documents are not reported. The hook
+    #: runs in the transferring thread; an exception it raises is logged, never fails the transfer.
+    on_transfer: TransferHook | None = None
 
     # -- raw operations, per backend -------------------------------------------------
     @abstractmethod
@@ -110,9 +144,21 @@ class ArtifactStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None: ...
 
+    def _transferred(self, direction: Direction, path: Path) -> None:
+        """Report a finished transfer of path's bytes to the on_transfer hook, if one is set."""
+        hook = self.on_transfer
+        if hook is None:
+            return
+        try:
+            hook(direction, path.stat().st_size)
+        except Exception:  # observing a transfer never fails it
+            log.exception("on_transfer hook failed for %s of %s", direction, path.name)
+
     # -- whole objects under chosen keys (a model repository's files) ------------------
     def put_object(self, key: str, source: Path) -> None:
-        self._upload(key, Path(source))
+        source = Path(source)
+        self._upload(key, source)
+        self._transferred("uploaded", source)
 
     def get_object(self, key: str, dest: Path) -> Path:
         """Download an object to dest; dest appears only when the download completed."""
@@ -122,6 +168,7 @@ class ArtifactStore(ABC):
         try:
             self._download(key, tmp)
             os.replace(tmp, dest)
+            self._transferred("downloaded", dest)
         finally:
             tmp.unlink(missing_ok=True)
         return dest
@@ -145,14 +192,15 @@ class ArtifactStore(ABC):
             return None
 
     # -- content-addressed blobs -----------------------------------------------------
-    def put_file(self, source: Path, path: str | None = None) -> FileRef:
+    def put_file(self, source: Path, path: str | None = None, *, area: str = BLOBS) -> FileRef:
         """Upload a file by content; a blob already stored is not uploaded again."""
         source = Path(source)
         digest = sha256_file(source)
-        key = blob_key(digest)
+        key = blob_key(digest, area)
         if not self.exists(key):
             self._upload(key, source)
-        return FileRef(path=path or source.name, digest=digest, size=source.stat().st_size)
+            self._transferred("uploaded", source)
+        return FileRef(path=path or source.name, digest=digest, size=source.stat().st_size, area=area)
 
     def get_file(self, ref: FileRef, dest: Path) -> Path:
         """Download a blob to dest, verifying its sha256; dest appears only when complete."""
@@ -162,22 +210,23 @@ class ArtifactStore(ABC):
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            actual = self._download_digest(blob_key(ref.digest), tmp)
+            actual = self._download_digest(blob_key(ref.digest, ref.area), tmp)
             if actual != ref.digest:
                 raise IntegrityError(f"{ref.path}: downloaded bytes hash to {actual}, expected {ref.digest}")
             os.replace(tmp, dest)
+            self._transferred("downloaded", dest)
         finally:
             tmp.unlink(missing_ok=True)
         return dest
 
     # -- folders of files ------------------------------------------------------------
-    def put_dir(self, folder: Path) -> list[FileRef]:
+    def put_dir(self, folder: Path, *, area: str = BLOBS) -> list[FileRef]:
         """Upload every regular file under folder; symlinks and special files are refused."""
         folder = Path(folder)
         refs = []
         for path in sorted(_walk(folder)):
             rel = path.relative_to(folder).as_posix()
-            refs.append(self.put_file(path, rel))
+            refs.append(self.put_file(path, rel, area=area))
         return refs
 
     def get_files(self, refs: list[FileRef], dest: Path) -> Path:

@@ -11,9 +11,9 @@ import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Iterator
 from urllib.parse import unquote, urlparse
 
 from shared.errors import NotFound, PreconditionFailed

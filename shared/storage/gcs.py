@@ -11,7 +11,9 @@ end to end), so the file is not read a second time; other downloads are checked 
 server's crc32c. Compare-and-swap writes use ``if_generation_match``.
 
 Set ``STORAGE_EMULATOR_HOST`` to talk to an emulator (the client then uses anonymous
-credentials). ``MODELYARD_GCS_CREATE_BUCKET=1`` creates a missing bucket (tests, local use).
+credentials); set but empty, it is ignored and the real service is used. The project is
+``MODELYARD_GCS_PROJECT``, else the credentials' own (``google.auth.default()``).
+``MODELYARD_GCS_CREATE_BUCKET=1`` creates a missing bucket (tests, local use).
 
 The client holds an HTTP connection pool: open the store in the process that uses it (for
 Celery prefork workers, inside the task or child process, not in the parent before forking).
@@ -84,12 +86,17 @@ class GCSStore(ArtifactStore):
 
         if client is None:
             try:
-                client = storage.Client(project=get_settings().gcs_project)
+                project = get_settings().gcs_project
+                # No project argument at all (not None, which means "no project"): the client takes the
+                # credentials' project from google.auth.default().
+                client = storage.Client(project=project) if project else storage.Client()
             except auth_exceptions.DefaultCredentialsError:
                 raise UserInputError(
                     f"{self.uri}: no Google Cloud credentials found (set GOOGLE_APPLICATION_CREDENTIALS, "
                     "run on a machine with a service account, or set STORAGE_EMULATOR_HOST for an emulator)"
                 ) from None
+            except OSError as exc:  # credentials without a project of their own (e.g. a user's ADC)
+                raise UserInputError(f"{self.uri}: {exc} Set MODELYARD_GCS_PROJECT to the project to use.") from None
         self.client = client
         self.bucket = self._open_bucket()
 

@@ -77,8 +77,8 @@ def test_training_progress_is_recorded_in_the_job_record(minilm_student):
 
 def test_student_is_faster_than_the_teacher_in_onnx_runtime(minilm_student, minilm_dir, tmp_path):
     """Both exports measured in the same run, interleaved: a ratio, not a time."""
-    from worker.latency import measure
-    from worker.runtime import load_session
+    from shared.inference.latency import measure
+    from shared.inference.runtime import load_session
 
     teacher, samples = _export(minilm_dir, tmp_path / "teacher")
     student, _ = _export(minilm_student["folder"], tmp_path / "student")
@@ -94,13 +94,13 @@ def test_student_is_faster_than_the_teacher_in_onnx_runtime(minilm_student, mini
 
 def _export(folder: Path, workdir: Path) -> tuple[Path, dict]:
     from shared.jobspec import ConvertSpec, ModelSpec
+    from worker.plugins import registry
     from worker.plugins.base import ConvertRequest
-    from worker.plugins.hf_transformers import HFTransformers
 
     workdir.mkdir()
     model = ModelSpec(name="m", source=str(folder), format="hf-transformers", task="feature-extraction")
-    result = HFTransformers().convert(ConvertRequest(source=folder, model=model, convert=ConvertSpec(),
-                                                     workdir=workdir, settings=Settings()))
+    result = registry.converter("hf-transformers").convert(ConvertRequest(
+        source=folder, model=model, convert=ConvertSpec(), workdir=workdir, settings=Settings()))
     return workdir / result.model_file, result.samples
 
 
@@ -143,7 +143,8 @@ def digits_student(digits, redis_server, tmp_path_factory) -> dict:
     folder = digits["folder"]
     store = tmp_path_factory.mktemp("digits-artifacts")
     job = """
-model: {name: digits, source: ./teacher.safetensors, format: torch-state-dict, factory: "tests.compress_models:digits_cnn",
+model: {name: digits, source: ./teacher.safetensors, format: torch-state-dict,
+        factory: "tests.compress_models:digits_cnn",
         inputs: [{name: x, dtype: float32, shape: [batch, 1, 8, 8]}]}
 compress:
   prune: {method: channels, keep: 0.5}
@@ -170,7 +171,7 @@ def test_channel_pruned_cnn_has_fewer_parameters_and_rebuilds_from_its_architect
 
 def test_channel_pruning_50_percent_and_distillation_keep_accuracy_within_2_points(digits, digits_student):
     from tests.compress_models import digits_cnn
-    from worker.plugins.torch_state_dict import load_weights
+    from worker.support.torch_weights import load_weights
 
     teacher = digits_cnn()
     teacher.load_state_dict(load_weights(digits["folder"] / "teacher.safetensors", "teacher"))
@@ -233,3 +234,26 @@ compress:
     assert progress["start_epoch"] == 2 and progress["resumed"] is True
     assert [h["epoch"] for h in result["metrics"]["distill"]["history"]] == [1, 2]
     assert not list((store / "checkpoints").glob("*.json")), "the finished step leaves no checkpoint behind"
+
+
+def test_a_checkpoint_not_signed_by_the_workers_is_ignored_and_a_signed_one_resumes(tmp_path):
+    torch = pytest.importorskip("torch")
+    from shared.storage import open_store
+    from worker.compress.distill import Checkpoint
+    from worker.stages.compress import Checkpoints, checkpoint_key
+
+    store = open_store((tmp_path / "store").as_uri())
+    key, signing_key = "s" * 64, b"workers-only"
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    saved = Checkpoint(epoch=1, student=model.state_dict(), optimizer=optimizer.state_dict(), history=[{"epoch": 1}])
+
+    Checkpoints(store, key, tmp_path / "a", signing_key).save(saved)
+    resumed = Checkpoints(store, key, tmp_path / "b", signing_key).load()
+    assert resumed.epoch == 1 and torch.equal(resumed.student["weight"], model.state_dict()["weight"])
+
+    record = store.read_json(checkpoint_key(key))
+    store.write_json(checkpoint_key(key), {**record, "epoch": 7})  # a submitter steering the resume point
+    assert Checkpoints(store, key, tmp_path / "c", signing_key).load() is None
+    Checkpoints(store, key, tmp_path / "d", None).save(saved)  # written without the key
+    assert Checkpoints(store, key, tmp_path / "e", signing_key).load() is None

@@ -11,10 +11,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from shared.errors import UserInputError
-from worker.fidelity import compare
+from shared.inference.fidelity import compare
+from shared.inference.runtime import load_session
+from worker.plugins import registry
 from worker.plugins.base import OptimizeRequest
-from worker.plugins.int8_static import Int8Static
-from worker.runtime import load_session
 
 pytestmark = pytest.mark.heavy
 RNG = np.random.default_rng(0)
@@ -41,7 +41,7 @@ def quantize(model: Path, workdir: Path, **params) -> Path:
     workdir.mkdir()
     request = OptimizeRequest(model=model, workdir=workdir, samples=SAMPLES, task=None, inputs=[], outputs=[],
                               params=params)
-    return Int8Static().optimize(request)
+    return registry.optimizer("int8-static").optimize(request)
 
 
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])

@@ -47,7 +47,7 @@ def convert(fmt: str, source: Path, workdir: Path, to: str, *, samples=None, set
 
 
 def run_model(path: Path, x: np.ndarray) -> np.ndarray:
-    from worker.runtime import load_session
+    from shared.inference.runtime import load_session
 
     outputs = load_session(path, threads=2).run({digits_data.INPUT: x})
     assert len(outputs) == 1  # the logits (Keras's own SavedModel export calls them output_0)
@@ -176,7 +176,7 @@ def test_keras_reference_outputs_are_keras_own(digits, converted, to):
 @heavy
 @pytest.mark.parametrize("to", ["onnx", "tflite"])
 def test_converted_model_has_the_source_names_and_a_symbolic_batch(converted, to):
-    from worker.runtime import load_session
+    from shared.inference.runtime import load_session
 
     result, out = converted("keras", "keras", to)
     session = load_session(out / result.model_file)
@@ -188,7 +188,7 @@ def test_converted_model_has_the_source_names_and_a_symbolic_batch(converted, to
 @heavy
 def test_tflite_model_runs_at_any_batch_size(digits, converted):
     result, out = converted("keras", "keras", "tflite")
-    from worker.runtime import load_session
+    from shared.inference.runtime import load_session
 
     session = load_session(out / result.model_file)
     one = session.run({digits_data.INPUT: digits.x_test[:1]})[digits_data.OUTPUT]
@@ -379,7 +379,7 @@ def test_saved_model_with_file_operations_is_refused_and_never_runs(digits, tmp_
 
 
 def test_archive_member_with_dotdot_is_refused_and_nothing_lands_outside(tmp_path):
-    from worker.archives import extract_tar
+    from worker.support.archives import extract_tar
 
     archive = tar_with(tmp_path / "a.tar.gz", [member("model/../../escape.txt")])
 
@@ -389,7 +389,7 @@ def test_archive_member_with_dotdot_is_refused_and_nothing_lands_outside(tmp_pat
 
 
 def test_archive_member_with_absolute_path_is_refused(tmp_path):
-    from worker.archives import extract_tar
+    from worker.support.archives import extract_tar
 
     target = tmp_path / "absolute.txt"
     archive = tar_with(tmp_path / "a.tar.gz", [member(str(target))])
@@ -401,7 +401,7 @@ def test_archive_member_with_absolute_path_is_refused(tmp_path):
 
 @pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE])
 def test_archive_link_member_is_refused(tmp_path, kind):
-    from worker.archives import extract_tar
+    from worker.support.archives import extract_tar
 
     archive = tar_with(tmp_path / "a.tar.gz", [member("saved_model.pb", type=kind, linkname="/etc/passwd")])
 
@@ -412,7 +412,7 @@ def test_archive_link_member_is_refused(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", [tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE])
 def test_archive_device_or_fifo_member_is_refused(tmp_path, kind):
-    from worker.archives import extract_tar
+    from worker.support.archives import extract_tar
 
     archive = tar_with(tmp_path / "a.tar.gz", [member("dev", type=kind)])
 
@@ -421,7 +421,7 @@ def test_archive_device_or_fifo_member_is_refused(tmp_path, kind):
 
 
 def test_archive_members_adding_up_over_the_cap_are_refused(tmp_path):
-    from worker.archives import extract_tar
+    from worker.support.archives import extract_tar
 
     archive = tar_with(tmp_path / "a.tar.gz", [member("a", b"1" * 600), member("b", b"2" * 600)])
 
@@ -430,7 +430,7 @@ def test_archive_members_adding_up_over_the_cap_are_refused(tmp_path):
 
 
 def test_decompression_bomb_is_refused_before_unpacking(tmp_path):
-    from worker.archives import extract_tar
+    from worker.support.archives import extract_tar
 
     bomb = gzip_tar_of_zeros(tmp_path / "bomb.tar.gz", "saved_model/variables/variables.data", 3 * 10**9)
     assert bomb.stat().st_size < 8 * 2**20  # a few MB on disk, 3 GB unpacked

@@ -14,9 +14,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from shared.errors import UserInputError  # noqa: E402
-from shared.jobspec import ConvertSpec, ModelSpec  # noqa: E402
-from shared.settings import Settings  # noqa: E402
+from shared.errors import UserInputError
+from shared.jobspec import ConvertSpec, ModelSpec
+from shared.settings import Settings
 
 pytestmark = pytest.mark.heavy
 
@@ -87,8 +87,8 @@ def variant(minilm, tmp_path_factory):
 
 
 def _fidelity(minilm, model: Path) -> dict:
-    from worker.fidelity import compare
-    from worker.runtime import load_session
+    from shared.inference.fidelity import compare
+    from shared.inference.runtime import load_session
 
     result, _ = minilm
     return compare(result.reference, load_session(model).run(result.samples))
@@ -98,7 +98,7 @@ def _fidelity(minilm, model: Path) -> dict:
 
 
 def test_convert_matches_torch(minilm):
-    from worker.runtime import load_session
+    from shared.inference.runtime import load_session
 
     result, fp32 = minilm
     assert fp32.name == "model.onnx" and fp32.is_file()
@@ -143,9 +143,9 @@ def test_convert_refuses_pickle_weights_and_unknown_task(tmp_path):
 
 def test_convert_text_classification_with_user_samples(tmp_path):
     """MiniLM's encoder with a (freshly initialized) classification head; user gives input_ids only."""
-    from worker.fidelity import compare
+    from shared.inference.fidelity import compare
+    from shared.inference.runtime import load_session
     from worker.plugins import registry
-    from worker.runtime import load_session
 
     ids = np.random.default_rng(1).integers(1000, 2000, size=(3, 16))
     source = Path(gt_minilm.get_model_path())
@@ -172,7 +172,7 @@ def test_int8_dynamic_is_a_quarter_the_size_and_close(minilm, variant):
     """
     import onnx
 
-    from worker.runtime import model_bytes
+    from shared.inference.runtime import model_bytes
 
     _, fp32 = minilm
     int8 = variant("int8-dynamic")
@@ -235,7 +235,7 @@ def test_int8_dynamic_rejects_unknown_params(minilm, variant):
 
 
 def test_fp16_loads_and_keeps_cosine(minilm, variant):
-    from worker.runtime import load_session, model_bytes
+    from shared.inference.runtime import load_session, model_bytes
 
     _, fp32 = minilm
     fp16 = variant("fp16")
@@ -255,7 +255,7 @@ def test_graph_fuses_attention_and_keeps_cosine(minilm, variant):
 
 
 def test_graph_then_int8(minilm, variant):
-    from worker.runtime import model_bytes
+    from shared.inference.runtime import model_bytes
 
     _, fp32 = minilm
     both = variant("int8-dynamic", model=variant("graph"))
@@ -267,7 +267,7 @@ def test_graph_then_int8(minilm, variant):
 
 
 def test_runtime_refuses_truncated_and_random_files(minilm, tmp_path):
-    from worker.runtime import load_session
+    from shared.inference.runtime import load_session
 
     _, fp32 = minilm
     truncated = tmp_path / "truncated.onnx"
@@ -282,7 +282,7 @@ def test_runtime_refuses_truncated_and_random_files(minilm, tmp_path):
 
 
 def test_runtime_tflite_and_unknown_files_fail_clearly(tmp_path):
-    from worker.runtime import load_session
+    from shared.inference.runtime import load_session
 
     fake = tmp_path / "fake.tflite"
     fake.write_bytes(b"TFL3" + bytes(60))
@@ -297,7 +297,7 @@ def test_runtime_tflite_and_unknown_files_fail_clearly(tmp_path):
 
 
 def test_runtime_names_missing_and_extra_inputs_and_casts(minilm):
-    from worker.runtime import load_session
+    from shared.inference.runtime import load_session
 
     result, fp32 = minilm
     session = load_session(fp32, threads=1)
@@ -344,8 +344,8 @@ def _set_location(path: Path, location: str) -> None:
 
 
 def test_onnx_passthrough_copies_external_data_model(tmp_path):
+    from shared.inference.runtime import load_session
     from worker.plugins import registry
-    from worker.runtime import load_session
 
     source = _tiny_external_model(tmp_path / "src")
     workdir = tmp_path / "out"
@@ -383,8 +383,8 @@ LINES = ["A short one.", "The committee will publish its final report on the bri
 
 def test_sentence_embedding_is_the_masked_mean_of_the_token_states_normalized(tmp_path):
     """The pooled export against numpy pooling of the token-state export, on padded one-line rows."""
+    from shared.inference.runtime import load_session
     from worker.plugins import registry
-    from worker.runtime import load_session
 
     source = Path(gt_minilm.get_model_path())
     (tmp_path / "tokens").mkdir()
@@ -408,11 +408,11 @@ def test_sentence_embedding_is_the_masked_mean_of_the_token_states_normalized(tm
 
 
 def test_int8_dynamic_keeps_the_sentence_embeddings(tmp_path):
+    from shared.inference.fidelity import compare
+    from shared.inference.runtime import load_session
     from tests.data_gen import sentences
-    from worker.fidelity import compare
     from worker.plugins import registry
     from worker.plugins.base import OptimizeRequest
-    from worker.runtime import load_session
 
     source = Path(gt_minilm.get_model_path())
     (tmp_path / "fp32").mkdir()
@@ -439,9 +439,9 @@ def test_text_samples_for_token_states_are_packed_without_padding(tmp_path):
 
 
 def test_line_rows_are_one_line_each_cut_at_the_sequence_and_padded():
-    from worker.plugins.hf_transformers import _tokenizer, line_rows
+    from worker.support.transformers_samples import line_rows, load_tokenizer
 
-    tokenizer = _tokenizer(Path(gt_minilm.get_model_path()))
+    tokenizer = load_tokenizer(Path(gt_minilm.get_model_path()))
     rows = line_rows(tokenizer, ["Why?", "word " * 100, "Two words."], 16, ["input_ids", "attention_mask"], "x")
     assert rows["input_ids"].shape == (3, 16) and rows["attention_mask"].sum(axis=1).tolist() == [4, 16, 5]
     assert rows["input_ids"][:, 0].tolist() == [101] * 3 and rows["input_ids"][1, -1] == 102
@@ -476,7 +476,7 @@ def test_sentence_embedding_refuses_unsupported_sentence_transformers_modules(tm
 
 
 def test_fidelity_compare_numbers():
-    from worker.fidelity import compare
+    from shared.inference.fidelity import compare
 
     ref = {"logits": np.array([[1.0, 2.0, 3.0], [3.0, 0.0, 0.0]], dtype=np.float32)}
     act = {"logits": np.array([[1.0, 2.0, 3.0], [0.0, 3.0, 0.0]], dtype=np.float32)}

@@ -6,6 +6,7 @@ sample batch and at batch 1 and 3, and compared with the torch module itself.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("safetensors")
 
-from tests.models import torch_files  # imports torch
+from tests.models import torch_files  # noqa: E402  (imports torch: after the skips above)
 
 IMAGE_INPUT = [TensorSpec(name="x", dtype="float32", shape=["batch", 3, 64, 64])]
 TEST_FACTORIES = ["torchvision.models:*", "tests.models.resnet:*"]
@@ -46,7 +47,7 @@ def convert(fmt: str, source: Path, workdir: Path, *, inputs=IMAGE_INPUT, factor
 
 
 def run_onnx(model: Path, x: np.ndarray) -> np.ndarray:
-    from worker.runtime import load_session
+    from shared.inference.runtime import load_session
 
     session = load_session(model, threads=2)
     return session.run({session.inputs[0].name: x})[session.outputs[0].name]
@@ -194,3 +195,55 @@ def test_exported_program_with_inputs_naming_a_fixed_dim_symbolic_is_refused(tmp
     inputs = [TensorSpec(name="x", dtype="float32", shape=["batch", 3, "height", 64])]
     with pytest.raises(UserInputError, match="fixes it at 64"):
         convert("torch-exported", program, tmp_path / "out", inputs=inputs)
+
+
+# --- a torch.export program that computes with its batch size -----------------------------------
+
+
+class GruAttention(torch.nn.Module):
+    """A GRU and multi-head attention: the exported graph reads the batch size (the GRU's initial
+    state, the attention's reshapes), so its shape expressions are ``Mul(Integer(64), Symbol(...))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = torch.nn.GRU(16, 64, batch_first=True)
+        self.attention = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+        self.head = torch.nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.gru(x)
+        attended, _ = self.attention(hidden, hidden, hidden)
+        return self.head(attended.mean(dim=1))
+
+
+@pytest.fixture(scope="module")
+def gru_attention_conversion(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gru-attention")
+    torch.manual_seed(0)
+    model = GruAttention().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the tensor attributes self.gru._flat_weights were assigned during export"
+        program = torch.export.export(model, (torch.randn(3, 10, 16),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(folder / "gru_attention.pt2"))
+    result, onnx_model = convert("torch-exported", folder / "gru_attention.pt2", folder / "out", inputs=None)
+    return model, result, onnx_model
+
+
+def test_gru_attention_program_shape_expressions_are_accepted(gru_attention_conversion):
+    _, result, _ = gru_attention_conversion
+    assert [t.to_dict() for t in result.inputs] == [{"name": "x", "dtype": "float32", "shape": ["batch", 10, 16]}]
+    assert [t.to_dict() for t in result.outputs] == [{"name": "output", "dtype": "float32", "shape": ["batch", 5]}]
+
+
+@pytest.mark.parametrize("batch", [2, 1, 7])
+def test_gru_attention_program_converts_with_cosine_at_least_0_999_against_torch(gru_attention_conversion, batch):
+    from shared.inference.fidelity import compare
+
+    model, result, onnx_model = gru_attention_conversion
+    x = result.samples["x"] if batch == 2 else \
+        np.random.default_rng(batch).standard_normal((batch, 10, 16)).astype(np.float32)
+
+    figures = compare({"output": run_torch(model, x)}, {"output": run_onnx(onnx_model, x)})
+
+    assert figures["cosine_min"] >= 0.999, figures

@@ -70,7 +70,8 @@ def test_compress_runs_on_the_gpu_pool_before_convert_and_records_its_training(c
     compress = stages["compress"]
     assert compress["state"] == "done" and compress["worker"] == f"gpu@{HOST}"
     assert compress["metrics"]["distill"]["history"][-1]["epoch"] == 2
-    assert compress["metrics"]["parameters"]["student_encoder"] < 0.55 * compress["metrics"]["parameters"]["teacher_encoder"]
+    parameters = compress["metrics"]["parameters"]
+    assert parameters["student_encoder"] < 0.55 * parameters["teacher_encoder"]
     assert compress["progress"]["step"] == compress["progress"]["steps"]
     assert compress_result["queues"]["compress"] == "gpu"
     assert list(compress_result["queues"])[:2] == ["compress", "convert"]

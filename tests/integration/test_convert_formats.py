@@ -69,8 +69,8 @@ def test_job_succeeds_with_fidelity_within_tolerance_in_the_convert_stage(finish
 def test_the_jobs_onnx_model_runs_at_batch_1_and_3(finished, fmt, tmp_path):
     import numpy as np
 
+    from shared.inference.runtime import load_session
     from shared.storage import FileRef, open_store
-    from worker.runtime import load_session
 
     job = finished[fmt]
     store = open_store(job["artifact_store"])

@@ -108,3 +108,56 @@ def _manifest(store, folder: Path, *, scale: float, reference_scale: float, key:
                         files=store.put_dir(folder), info={"model_file": "model.onnx", "format": "onnx", **io})
     save_manifest(store, manifest)
     return manifest
+
+
+def _deploy_context(redis_server, tmp_path, repo_uri: str, settings: Settings) -> StageContext:
+    store = open_store((tmp_path / "artifacts").as_uri())
+    jobs = JobStore.from_url(redis_server.url)
+    spec = {"model": {"name": "tiny", "source": "m.onnx", "format": "onnx"},
+            "deploy": {"repository": repo_uri, "alias": "production"}}
+    job_id = f"deploy-{time.time_ns()}"
+    jobs.create(job_id, {"spec": spec, "artifact_store": store.uri, "source": {"digest": "s"}, "state": "RUNNING"})
+    return StageContext(settings=settings, jobs=jobs, job_id=job_id)
+
+
+def test_a_repository_outside_the_allowed_patterns_is_refused_by_the_worker(redis_server, tmp_path):
+    from worker.stages.deploy import run_deploy
+
+    other_team = (tmp_path / "other-team-repo").as_uri()
+    ctx = _deploy_context(redis_server, tmp_path, other_team,
+                          Settings(allowed_repositories=[(tmp_path / "our-repo").as_uri() + "/*", "gs://ours/*"]))
+    good = _manifest(ctx.store, tmp_path / "good", scale=1.0, reference_scale=1.0, key="c" * 64)
+    with pytest.raises(UserInputError, match="is not allowed on this worker: MODELYARD_ALLOWED_REPOSITORIES"):
+        run_deploy(ctx, good.step_key, good.step_key, lineage={})
+    assert not (tmp_path / "other-team-repo").exists()
+
+
+@pytest.mark.parametrize("moment", ["after the smoke gate", "after claiming a version", "after publishing"])
+def test_a_job_cancelled_during_deploy_moves_no_alias(redis_server, tmp_path, monkeypatch, moment):
+    from worker.context import JobCancelled
+    from worker.stages import deploy
+
+    repo_uri = (tmp_path / "repo").as_uri()
+    ctx = _deploy_context(redis_server, tmp_path, repo_uri, Settings())
+    good = _manifest(ctx.store, tmp_path / "good", scale=1.0, reference_scale=1.0, key="d" * 64)
+
+    def cancel_after(owner, name: str) -> None:
+        real = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            result = real(*args, **kwargs)
+            ctx.jobs.set_state(ctx.job_id, "CANCELLED")
+            return result
+
+        monkeypatch.setattr(owner, name, wrapped)
+
+    owner, name = {"after the smoke gate": (deploy, "smoke_gate"),
+                   "after claiming a version": (ModelRepository, "claim_version"),
+                   "after publishing": (ModelRepository, "publish")}[moment]
+    cancel_after(owner, name)
+    with pytest.raises(JobCancelled):
+        deploy.run_deploy(ctx, good.step_key, good.step_key, lineage={})
+    repo = ModelRepository.open(repo_uri)
+    assert "production" not in repo.aliases("tiny")
+    if moment != "after publishing":
+        assert repo.versions("tiny") == []

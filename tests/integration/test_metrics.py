@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.celery_app import make_celery
+from shared.queues import redis_client
 from shared.redis_server import free_port
 from shared.settings import Settings
 from tests.services import ROOT
@@ -100,8 +101,6 @@ def probe_worker(redis_server, service_env, tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-        from producer.operations import redis_client
-
         redis_client(url).flushdb()
 
 
@@ -133,8 +132,6 @@ def test_stage_durations_from_every_prefork_child_appear_on_metrics(probe_worker
 
 
 def test_queue_depth_is_read_from_redis_at_scrape_time(probe_worker):
-    from producer.operations import redis_client
-
     client = redis_client(probe_worker["url"])
     client.lpush("gpu", *[json.dumps({"n": i}) for i in range(3)])  # no gpu consumer: they stay
     client.lpush("gpu\x06\x166", "later")
@@ -180,11 +177,14 @@ def test_track_stage_outcomes_and_cache_label():
                  cached="true", outcome="failed") >= 1
 
 
-def test_instrument_store_counts_real_transfers_only(tmp_path):
-    from shared.storage import open_store
+def test_a_stage_store_counts_real_transfers_only(tmp_path):
+    from worker.context import StageContext
 
-    store = metrics.instrument_store(open_store((tmp_path / "store").as_uri()))
-    assert metrics.instrument_store(store) is store
+    class OneJob:  # the job record is all StageContext.store reads
+        def get(self, job_id):
+            return {"artifact_store": (tmp_path / "store").as_uri()}
+
+    store = StageContext(settings=Settings(), jobs=OneJob(), job_id="j").store
     data = tmp_path / "blob.bin"
     data.write_bytes(b"x" * 1234)
     up, down = value("modelyard_artifact_bytes_total", direction="uploaded"), \
@@ -220,4 +220,5 @@ def test_a_taken_port_moves_to_the_next(tmp_path):
             assert port > base
             assert metrics.serving_port() == port
         finally:
-            metrics._on_worker_shutdown()
+            metrics.stop()
+        assert metrics.serving_port() is None

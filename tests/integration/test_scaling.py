@@ -1,4 +1,4 @@
-"""Horizontal scaling: a batch of CPU-bound convert jobs finishes faster with a second cpu worker.
+"""Horizontal scaling: a second cpu worker takes its share of a batch of CPU-bound convert jobs.
 
 Each job converts its own small ONNX model (one 512×512 weight applied in 32 MatMul+Tanh layers,
 random weights, so no two jobs share a step key and the cache never helps) on 8×256×512 samples:
@@ -8,15 +8,14 @@ Workers run one process each (concurrency 1) with one inference thread (``MODELY
 so each worker keeps one core busy.
 
 The test has its own Redis and artifact store: the session's test cluster, if running, never sees
-these jobs. It prints jobs/minute with one and with two workers and the ratio, and asserts the
-ratio the operations issue asks for (> 1.4x; 1.88x measured on 2 idle cores). Other busy processes
-on the machine lower the ratio: run it on idle cores.
+these jobs. It checks behaviour, not speed: with two workers of concurrency 1 and prefetch 1, both
+compute converts of one batch. How much faster two workers are is measured by
+``scripts/bench/scaling.py`` (a benchmark, on idle cores), never asserted here.
 """
 
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,6 @@ pytestmark = pytest.mark.integration
 HOST = socket.gethostname()
 BATCH = 8
 WIDTH, DEPTH = 512, 32
-MIN_RATIO = 1.4
 
 
 def heavy_mlp(path: Path, seed: int) -> Path:
@@ -86,42 +84,30 @@ def private_stack(service_env, tmp_path, monkeypatch):
         get_settings.cache_clear()
 
 
-def run_batch(jobs: list[Path]) -> float:
-    """Submit every job at once; jobs per minute from the first submit to the last convert finished."""
-    started = time.time()
+def run_batch(jobs: list[Path]) -> list[dict]:
+    """Submit every job at once and wait for all of them; their job records."""
     ids = [api.submit(job) for job in jobs]
     results = [api.wait(job_id, timeout=300, poll=0.2) for job_id in ids]
     assert [r["state"] for r in results] == ["SUCCEEDED"] * len(jobs), [r.get("error") for r in results]
     assert {r["stages"]["convert"]["state"] for r in results} == {"done"}  # computed, not cached
-    finished = max(r["stages"]["convert"]["finished"] for r in results)
-    return len(jobs) / (finished - started) * 60
+    return results
 
 
-def warm_up(jobs: list[Path]) -> None:
-    """One heavy job per worker first, so that imports in fresh worker processes are not timed."""
-    ids = [api.submit(job) for job in jobs]  # all at once: with prefetch 1, each worker takes one
-    results = [api.wait(job_id, timeout=300) for job_id in ids]
-    assert all(r["state"] == "SUCCEEDED" for r in results), [r.get("error") for r in results]
-
-
-def test_two_cpu_workers_convert_a_batch_of_distinct_models_over_1_4x_faster_than_one(private_stack, tmp_path):
+def test_a_second_cpu_worker_computes_its_share_of_a_batch(private_stack, tmp_path):
     models = tmp_path / "jobs"
     models.mkdir()
-    one_batch = [convert_job(models, seed) for seed in range(8)]
-    two_batch = [convert_job(models, seed) for seed in range(8, 16)]
-    warm = [convert_job(models, seed) for seed in range(100, 103)]
+    first = [convert_job(models, seed) for seed in range(4)]
+    batch = [convert_job(models, seed) for seed in range(4, 12)]
+    workers = [f"cpu1@{HOST}", f"cpu2@{HOST}"]
 
-    private_stack.start_worker("cpu", f"cpu1@{HOST}")
-    private_stack.wait_online([f"cpu1@{HOST}"])
-    warm_up(warm[:1])
-    one = run_batch(one_batch)
+    private_stack.start_worker("cpu", workers[0])
+    private_stack.wait_online(workers[:1])
+    alone = run_batch(first)
+    assert {r["stages"]["convert"]["computed_by"] for r in alone} == {workers[0]}
 
-    private_stack.start_worker("cpu", f"cpu2@{HOST}")
-    private_stack.wait_online([f"cpu1@{HOST}", f"cpu2@{HOST}"])
-    warm_up(warm[1:])
-    two = run_batch(two_batch)
-
-    ratio = two / one
-    print(f"\nscaling: 8 convert jobs, 1 cpu worker {one:.1f} jobs/min, 2 cpu workers {two:.1f} jobs/min, "
-          f"ratio {ratio:.2f}x")
-    assert ratio > MIN_RATIO, f"2 workers ran {two:.1f} jobs/min vs {one:.1f} with 1 (ratio {ratio:.2f})"
+    private_stack.start_worker("cpu", workers[1])
+    private_stack.wait_online(workers)
+    shared = run_batch(batch)
+    counts = {w: sum(r["stages"]["convert"]["computed_by"] == w for r in shared) for w in workers}
+    print(f"\nscaling: 8 convert jobs over 2 cpu workers: {counts}")
+    assert all(counts[w] >= 2 for w in workers), counts

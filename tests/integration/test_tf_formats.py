@@ -41,7 +41,7 @@ def run_job(job_file: Path, timeout: float = 600) -> dict:
 
 def step_accuracy(job: dict, stage: str, digits: digits_data.Digits) -> float:
     """Download a step's model from the artifact store and measure its test-split accuracy."""
-    from worker.runtime import load_session
+    from shared.inference.runtime import load_session
 
     store = open_store(job["artifact_store"])
     manifest = load_manifest(store, job["stages"][stage]["step_key"])

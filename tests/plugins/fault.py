@@ -61,6 +61,7 @@ def _hang(seconds: float) -> None:
 
 class FaultOnnx(OnnxPassthrough):
     name = "fault-onnx"
+    sandboxed = False  # its faults must hit the worker process itself, and it reports to Redis
 
     def convert(self, request: ConvertRequest) -> ConvertResult:
         folder = Path(request.source)

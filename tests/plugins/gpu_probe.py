@@ -18,7 +18,7 @@ from pathlib import Path
 import redis
 
 from shared.settings import get_settings
-from worker.plugins.base import Optimizer, OptimizeRequest
+from worker.plugins.base import Optimizer, OptimizeRequest, Param
 
 PROBES = "modelyard:test:gpu-probe"
 
@@ -26,6 +26,7 @@ PROBES = "modelyard:test:gpu-probe"
 class GpuProbe(Optimizer):
     name = "gpu-probe"
     gpu_benefit = True
+    params = {"seconds": Param(float, 1.0, "how long to hold the worker process", min=0.0)}
 
     def optimize(self, request: OptimizeRequest) -> Path:
         client = redis.Redis.from_url(get_settings().resolved_broker_url())

@@ -181,6 +181,7 @@ def make_stack(tmp_path, monkeypatch):
             "MODELYARD_LEASE_TTL_S": "5",  # a killed worker's lease frees quickly
             "MODELYARD_BENCH_RUNS": "3",
             "HF_HUB_OFFLINE": "1",
+            "MODELYARD_STEP_SIGNING_KEY": "reliability-workers-key",
             **(env or {}),
         }
         for key in ("MODELYARD_BROKER_URL", "MODELYARD_ARTIFACT_STORE", "MODELYARD_HOME",

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.heavy,
 
 torch = pytest.importorskip("torch")
 
-from tests.models import torch_files  # imports torch
+from tests.models import torch_files  # noqa: E402  (imports torch: after the skips above)
 
 INPUTS = "inputs: [{name: x, dtype: float32, shape: [batch, 3, 64, 64]}]"
 
@@ -84,35 +84,75 @@ def test_factory_outside_the_allow_list_fails_naming_the_setting(cluster, produc
 # ONNX external data that points outside the model's folder
 
 
-def onnx_with_external_weights(path: Path, location: str) -> Path:
-    """A MatMul whose weight tensor says its bytes are in ``location``."""
+def onnx_with_external_weights(path: Path, location: str, *, sparse: bool = False) -> Path:
+    """A MatMul whose weight tensor says its bytes are in ``location`` (a sparse initializer's values if ``sparse``)."""
     import onnx
     from onnx import TensorProto, helper
 
-    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 3], np.zeros(12, dtype=np.float32).tolist())
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [12] if sparse else [4, 3],
+                                np.zeros(12, dtype=np.float32).tolist())
     weight.ClearField("float_data")
     weight.data_location = TensorProto.EXTERNAL
     for key, value in (("location", location), ("offset", "0"), ("length", "48")):
         weight.external_data.add(key=key, value=value)
+    initializers: dict = {"initializer": [weight]}
+    if sparse:
+        indices = helper.make_tensor("w_indices", TensorProto.INT64, [12], list(range(12)))
+        initializers = {"sparse_initializer": [helper.make_sparse_tensor(weight, indices, [4, 3])]}
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])], "ext",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], [weight],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], **initializers,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @pytest.mark.parametrize(("location", "phrase"), [
     ("../../etc/passwd", "'..' is refused"),
     ("/etc/passwd", "absolute paths are refused"),
 ])
 def test_onnx_external_data_outside_the_model_folder_fails_the_job(cluster, producer_env, tmp_path, location,
-                                                                   phrase):
-    onnx_with_external_weights(tmp_path / "model" / "model.onnx", location)
+                                                                   phrase, sparse):
+    onnx_with_external_weights(tmp_path / "model" / "model.onnx", location, sparse=sparse)
     job = run_job(tmp_path, "model: {name: evil-onnx, source: ./model, format: onnx}\n")
     assert_failed_in_convert(job, f"external data location {location!r}", phrase)
+
+
+@pytest.mark.parametrize(("location", "phrase"), [
+    ("../outside.bin", "'..' is refused"),
+    ("/etc/passwd", "absolute paths are refused"),
+    ("linked.bin", "symlinks are refused"),
+])
+def test_onnx_sparse_initializer_with_external_data_outside_the_folder_is_refused_by_the_converter(
+        tmp_path, location, phrase):
+    from tests.reliability.crafted_jobs import convert
+
+    model = onnx_with_external_weights(tmp_path / "model" / "model.onnx", location, sparse=True)
+    (tmp_path / "outside.bin").write_bytes(bytes(48))
+    (model.parent / "linked.bin").symlink_to(tmp_path / "outside.bin")
+    with pytest.raises(UserInputError, match=f"tensor 'w' has external data location {location!r}: {phrase}"):
+        convert("onnx", model.parent, tmp_path / "out")
+
+
+def test_onnx_sparse_initializer_with_external_data_beside_it_converts_self_contained(tmp_path):
+    import onnx
+
+    from tests.reliability.crafted_jobs import convert
+
+    model = onnx_with_external_weights(tmp_path / "model" / "model.onnx", "weights.bin", sparse=True)
+    weights = np.arange(12, dtype=np.float32)
+    (model.parent / "weights.bin").write_bytes(weights.tobytes())
+
+    result = convert("onnx", model.parent, tmp_path / "out")
+
+    x = result.samples["x"]
+    np.testing.assert_allclose(result.reference["y"], x @ weights.reshape(4, 3), rtol=1e-5)
+    copy = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx"]
+    assert copy.graph.sparse_initializer[0].values.data_location == onnx.TensorProto.DEFAULT
 
 
 def test_onnx_folder_with_a_symlinked_data_file_is_refused_at_submit(producer_env, tmp_path):
@@ -198,12 +238,14 @@ def test_torchscript_payload_is_caught_whichever_pickle_protocol_names_it(tmp_pa
     # protocol 2 names the callable with GLOBAL, protocol 4 with STACK_GLOBAL from memoized strings
     import pickle
 
-    from worker.plugins.torchscript import check_archive
+    from worker.support.pickle_scan import check_torchscript_archive
+    from worker.support.zip_check import open_checked_zip
 
     marker = tmp_path / "pwned"
     honest, _ = torch_files.save_torchscript(tmp_path / "honest.pt")
     payload = pickle.dumps(torch_files.OpenMarker(marker), protocol=protocol)
     evil = torch_files.rewrite_zip(honest, tmp_path / "evil.pt", {"/constants.pkl": payload})
-    with pytest.raises(UserInputError, match=r"constants\.pkl imports io\.open, outside torch"):
-        check_archive(evil, "evil.pt", max_bytes=2**30)
+    with open_checked_zip(evil, "evil.pt", max_bytes=2**30) as archive, pytest.raises(
+            UserInputError, match=r"constants\.pkl imports io\.open, outside torch"):
+        check_torchscript_archive(archive, "evil.pt")
     assert not marker.exists()

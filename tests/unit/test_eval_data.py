@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from shared.errors import UserInputError
-from worker.accuracy import split_eval_data, top1_accuracy
+from shared.inference.accuracy import split_eval_data, top1_accuracy
 
 
 def linear_classifier(path: Path, weights: np.ndarray, *, batch: int | str = "batch") -> Path:
@@ -30,7 +30,7 @@ def linear_classifier(path: Path, weights: np.ndarray, *, batch: int | str = "ba
 
 @pytest.fixture
 def session(tmp_path):
-    from worker.runtime import load_session
+    from shared.inference.runtime import load_session
 
     return load_session(linear_classifier(tmp_path / "m.onnx", np.eye(3)), threads=1)
 
@@ -68,7 +68,7 @@ def test_malformed_eval_data_is_refused_naming_what_is_wrong(arrays, named):
 
 
 def test_a_model_without_a_classifier_output_has_no_accuracy(tmp_path):
-    from worker.runtime import load_session
+    from shared.inference.runtime import load_session
 
     session = load_session(linear_classifier(tmp_path / "m.onnx", np.ones((3, 1))), threads=1)  # [batch, 1]
 

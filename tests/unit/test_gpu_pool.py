@@ -1,5 +1,6 @@
 """The gpu pool on a machine without a GPU: provider choice and refusal, routing, GPU discovery,
-one pinned worker process per GPU, and a parent that never imports CUDA-initializing code."""
+pinning by pool index, and a parent that never imports CUDA-initializing code. Real worker
+processes: tests/integration/test_gpu_pool.py; the torch fallback: tests/heavy."""
 
 from __future__ import annotations
 
@@ -13,14 +14,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from producer.api import queue_for
 from shared.errors import UserInputError
 from shared.jobspec import parse_job
-from shared.redis_server import start_redis
-from shared.settings import get_settings
-from tests.services import ROOT, Cluster
+from tests.services import ROOT
 from worker import gpu
 from worker.gpu import CPU, CUDA, TENSORRT, choose_providers
 
@@ -91,17 +89,17 @@ def test_planning_a_trt_variant_on_this_worker_is_refused_before_any_work():
 
 
 def test_the_trt_fp16_plugin_refuses_on_a_worker_without_tensorrt(tmp_path):
+    from worker.plugins import registry
     from worker.plugins.base import OptimizeRequest
-    from worker.plugins.trt_fp16 import TrtFp16
 
     request = OptimizeRequest(model=tiny_onnx(tmp_path / "model.onnx"), workdir=tmp_path / "out",
                               samples={"x": np.ones((2, 4), np.float32)}, task=None, inputs=[], outputs=[])
     with pytest.raises(UserInputError, match="TensorRT execution provider not available"):
-        TrtFp16().optimize(request)
+        registry.optimizer("trt-fp16").optimize(request)
 
 
 def test_trt_int8_calibration_writes_the_table_tensorrt_reads(tmp_path):
-    from worker.plugins.trt_int8 import write_calibration
+    from worker.support.tensorrt import write_calibration
 
     model = tiny_onnx(tmp_path / "model.onnx")
     cache = tmp_path / "trt_cache"
@@ -115,28 +113,6 @@ def test_a_gpu_pool_variant_key_names_its_providers_and_a_cpu_pool_key_adds_noth
     execution = gpu.Execution(pool="gpu", available=(CPU,), tensorrt=None, gpu_benefit=False, worker="w")
     assert execution.key_params() == {"execution": {"providers": [CPU], "gpu": None, "torch_cuda": False}}
     assert gpu.Execution(pool="cpu", available=(CPU,), tensorrt=None, gpu_benefit=True, worker="w").key_params() == {}
-
-
-@pytest.mark.heavy
-def test_the_torch_fallback_times_the_source_model_in_float32_and_float16(tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-
-    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=16)
-    torch.manual_seed(0)
-    model = transformers.BertModel(config).eval()
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    samples = {"input_ids": np.arange(16, dtype=np.int64).reshape(2, 8) % 50,
-               "attention_mask": np.ones((2, 8), np.int64), "token_type_ids": np.zeros((2, 8), np.int64)}
-    with torch.inference_mode():
-        reference = {"last_hidden_state": model(**{k: torch.from_numpy(v) for k, v in samples.items()})
-                     .last_hidden_state.numpy()}
-    figures = gpu.torch_cuda_figures(tmp_path, "feature-extraction", samples, reference, runs=3, warmup=1,
-                                     device="cpu")
-    assert figures["float32"]["cosine_min"] > 0.9999
-    assert 0.99 < figures["float16"]["cosine_min"] < 1.0001
-    assert figures["float16"]["runs"] == 3 and figures["float16"]["p50_ms"] > 0
 
 
 # --- routing ----------------------------------------------------------------------------------
@@ -226,79 +202,16 @@ def test_gpu_discovery_asks_onnx_runtime_in_a_subprocess_and_loads_nothing_here(
     assert CPU in providers and imported is False
 
 
-def test_a_gpu_worker_without_cuda_refuses_to_start_unless_allowed_on_cpu(monkeypatch):
-    from producer.cli import app
+def test_a_gpu_worker_without_cuda_refuses_to_start_unless_allowed_on_cpu(monkeypatch, capsys):
+    from worker import __main__ as start
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.setattr(gpu, "cuda_providers", list)  # this machine has none either way
-    result = CliRunner().invoke(app, ["worker", "--pool", "gpu"])
-    assert result.exit_code == 2
-    assert "no CUDA execution provider is available to ONNX Runtime" in result.output
-    assert "--allow-cpu" in result.output
-
-
-# --- real worker processes --------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def gpu_job(tmp_path_factory):
-    """A cpu worker and a gpu worker (--allow-cpu) that sees CUDA_VISIBLE_DEVICES=3,5, and one job through them."""
-    folder = tmp_path_factory.mktemp("gpu-pool")
-    server = start_redis(folder / "redis")
-    env = {**os.environ, "MODELYARD_BROKER_URL": server.url, "MODELYARD_ARTIFACT_STORE": (folder / "store").as_uri(),
-           "MODELYARD_HOME": str(folder / "home"), "MODELYARD_PLUGIN_MODULES": "tests.plugins.gpu_probe",
-           "MODELYARD_BENCH_RUNS": "3", "HF_HUB_OFFLINE": "1"}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    cluster = Cluster(env=env, folder=folder)
-    patch = pytest.MonkeyPatch()
-    try:
-        cluster.start_worker("cpu", f"cpu@{HOST}")
-        gpu_worker = cluster.start_worker("gpu", f"gpu@{HOST}", extra_env={"CUDA_VISIBLE_DEVICES": "3,5"})
-        cluster.wait_online([f"cpu@{HOST}", f"gpu@{HOST}"])
-        for key in ("MODELYARD_BROKER_URL", "MODELYARD_ARTIFACT_STORE", "MODELYARD_HOME", "MODELYARD_PLUGIN_MODULES"):
-            patch.setenv(key, env[key])
-        get_settings.cache_clear()
-        import tests.plugins.gpu_probe  # noqa: F401  (the producer validates against the same registry)
-        from producer import api
-        from tests.plugins.gpu_probe import PROBES
-
-        tiny_onnx(folder / "m.onnx")
-        probes = ", ".join(f"{{id: probe-{i}, of: gpu-probe}}" for i in range(4))
-        (folder / "job.yaml").write_text(
-            "model: {name: tiny, source: ./m.onnx, format: onnx}\n"
-            f"optimize: {{variants: [fp16, trt-fp16, {probes}], gate: {{cosine_min: 0.9}}}}\n"
-            "device: gpu\n")
-        job = api.wait(api.submit(folder / "job.yaml"), timeout=600)
-        records = [json.loads(r) for r in server.client().lrange(PROBES, 0, -1)]
-        yield SimpleNamespace(job=job, probes=records, log=gpu_worker.log_text)
-    finally:
-        patch.undo()
-        get_settings.cache_clear()
-        cluster.stop()
-        server.stop()
-
-
-@pytest.mark.integration
-def test_a_gpu_worker_runs_one_process_per_visible_gpu_each_pinned_to_its_own(gpu_job):
-    assert gpu_job.job["state"] == "SUCCEEDED", gpu_job.job.get("error")
-    devices_by_pid: dict[int, set] = {}
-    for probe in gpu_job.probes:
-        devices_by_pid.setdefault(probe["pid"], set()).add(probe["cuda_visible_devices"])
-    assert sorted(d for devices in devices_by_pid.values() for d in devices) == ["3", "5"]
-    assert all(len(devices) == 1 for devices in devices_by_pid.values())
-    assert "gpu pool: 2 worker process(es), one per GPU (3, 5)" in gpu_job.log()
-
-
-@pytest.mark.integration
-def test_an_allow_cpu_gpu_worker_consumes_the_gpu_queue_and_records_the_cpu_provider(gpu_job):
-    stage = gpu_job.job["stages"]["optimize:fp16"]
-    assert (stage["worker"], stage["queue"]) == (f"gpu@{HOST}", "gpu")
-    assert stage["metrics"]["provider"] == CPU
-    assert "gpu" not in stage["metrics"]
-
-
-@pytest.mark.integration
-def test_a_trt_variant_on_a_worker_without_tensorrt_is_an_error_row_not_a_failed_job(gpu_job):
-    assert gpu_job.job["state"] == "SUCCEEDED"
-    rows = {row["variant"]: row for row in gpu_job.job["stages"]["select"]["table"]}
-    assert rows["trt-fp16"]["verdict"].startswith(
-        f"error: TensorRT execution provider not available on worker gpu@{HOST}; available: ")
+    monkeypatch.setattr(start, "cuda_providers", list)  # this machine has none either way
+    with pytest.raises(SystemExit) as refused:
+        start.celery_args(start.parse(["--pool", "gpu"]))
+    assert refused.value.code == 2
+    assert "no CUDA execution provider is available to ONNX Runtime" in capsys.readouterr().err
+    args = start.celery_args(start.parse(["--pool", "gpu", "--allow-cpu", "--concurrency", "2"]))
+    assert args[args.index("-Q") + 1].split(",")[0] == "gpu" and args[args.index("-c") + 1] == "2"
+    assert args[args.index("-Q") + 1].split(",")[1].startswith("gpu.cpu-")  # no CUDA: its CPU class
+    assert "this gpu-pool worker runs ONNX models on the CPU (--allow-cpu)" in capsys.readouterr().err

@@ -1,4 +1,9 @@
-"""deploy/k8s: the manifests agree with each other and with the settings they run under."""
+"""deploy/k8s: the manifests agree with each other and with the settings they run under.
+
+deploy/k8s/*.yaml are the workers (one kustomization); deploy/k8s/serving/ serves the model
+repository (Triton, `modelyard serve`; a kustomization of its own) and serving/kserve/ holds a
+KServe InferenceService example (a custom resource: checked field by field).
+"""
 
 from __future__ import annotations
 
@@ -12,13 +17,15 @@ import yaml
 from shared.settings import Settings
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+SERVING = K8S / "serving"
+KSERVE = SERVING / "kserve"
 NAMESPACE = "modelyard"
 WORKERS = {"worker-cpu": "cpu", "worker-gpu": "gpu"}
 
 
-def load() -> list[tuple[str, dict]]:
+def load(folder: Path = K8S) -> list[tuple[str, dict]]:
     docs = []
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 docs.append((path.name, doc))
@@ -26,10 +33,13 @@ def load() -> list[tuple[str, dict]]:
 
 
 DOCS = load()
+SERVING_DOCS = load(SERVING)
+KSERVE_DOCS = load(KSERVE)
+ALL_DOCS = DOCS + SERVING_DOCS + KSERVE_DOCS
 
 
-def resources(kind: str) -> dict[str, dict]:
-    return {doc["metadata"]["name"]: doc for _, doc in DOCS if doc.get("kind") == kind and "metadata" in doc}
+def resources(kind: str, docs: list[tuple[str, dict]] = DOCS) -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc for _, doc in docs if doc.get("kind") == kind and "metadata" in doc}
 
 
 def containers(deployment: dict) -> list[dict]:
@@ -67,18 +77,20 @@ def settings_from_configmap(monkeypatch) -> Settings:
     return Settings()
 
 
-def test_every_document_parses_and_is_kustomized():
-    assert DOCS
-    for name, doc in DOCS:
+@pytest.mark.parametrize("folder", [K8S, SERVING], ids=["workers", "serving"])
+def test_every_document_parses_and_is_kustomized(folder):
+    docs = load(folder)
+    assert docs
+    for name, doc in docs:
         assert {"apiVersion", "kind"} <= set(doc), name
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    files = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kustomization["resources"]) == files
 
 
 def test_everything_is_in_the_namespace():
     assert "modelyard" in resources("Namespace")
-    for name, doc in DOCS:
+    for name, doc in ALL_DOCS:
         if doc["kind"] in ("Namespace", "Kustomization"):
             continue
         assert doc["metadata"].get("namespace") == NAMESPACE, (name, doc["kind"], doc["metadata"]["name"])
@@ -149,12 +161,12 @@ def test_the_broker_url_is_built_from_the_secret_in_order():
 
 
 def test_no_secret_is_written_in_a_manifest():
-    for name, deployment in resources("Deployment").items():
+    for name, deployment in resources("Deployment", ALL_DOCS).items():
         for container in containers(deployment):
             for entry in container.get("env", []):
                 if re.search(r"PASSWORD|AUTH|TOKEN|SECRET", entry["name"]):
                     assert "secretKeyRef" in entry.get("valueFrom", {}), (name, entry["name"])
-    assert not resources("Secret"), "Secrets are created with kubectl, not committed"
+    assert not resources("Secret", ALL_DOCS), "Secrets are created with kubectl, not committed"
     for key in configmap_data("modelyard-settings"):
         assert not re.search(r"PASSWORD|AUTH|TOKEN|SECRET", key), key
 
@@ -175,7 +187,7 @@ def test_flower_has_basic_auth_and_a_service():
 
 
 def test_no_container_runs_as_root():
-    for name, deployment in resources("Deployment").items():
+    for name, deployment in resources("Deployment", ALL_DOCS).items():
         pod = deployment["spec"]["template"]["spec"]
         pod_ctx = pod.get("securityContext", {})
         for container in containers(deployment):
@@ -188,7 +200,7 @@ def test_no_container_runs_as_root():
 
 
 def test_deployment_selectors_match_their_pods():
-    for name, deployment in resources("Deployment").items():
+    for name, deployment in resources("Deployment", ALL_DOCS).items():
         selector = deployment["spec"]["selector"]["matchLabels"]
         assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items(), name
 
@@ -207,9 +219,84 @@ def test_workers_expose_the_metrics_port_they_serve(name):
 def test_core_resources_match_the_kubernetes_schema():
     kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate for schema checks")
     checked = 0
-    for _name, doc in DOCS:
-        if doc["apiVersion"].startswith(("keda.sh/", "kustomize.config.k8s.io/")):
-            continue  # custom resources: checked field by field above
+    for _name, doc in ALL_DOCS:
+        if doc["apiVersion"].startswith(("keda.sh/", "kustomize.config.k8s.io/", "serving.kserve.io/")):
+            continue  # custom resources: checked field by field
         kv.validate(doc, "1.30.0", strict=True)
         checked += 1
-    assert checked >= 5
+    assert checked >= 10
+
+
+# -- serving the model repository --------------------------------------------------------------
+
+def serving_pod(name: str) -> dict:
+    return resources("Deployment", SERVING_DOCS)[name]["spec"]["template"]["spec"]
+
+
+def by_name(items: list[dict]) -> dict[str, dict]:
+    return {item["name"]: item for item in items}
+
+
+def test_serving_pods_read_the_repository_the_workers_deploy_to(monkeypatch):
+    import fnmatch
+
+    settings = settings_from_configmap(monkeypatch)
+    repository = configmap_data("modelyard-settings")["MODELYARD_REPOSITORY"]
+    assert repository.startswith("gs://")
+    assert any(fnmatch.fnmatchcase(repository, pattern) for pattern in settings.allowed_repositories)
+    accounts = resources("ServiceAccount", SERVING_DOCS)
+    for name in ("triton", "modelyard-serve"):
+        pod = serving_pod(name)
+        assert pod["serviceAccountName"] in accounts, name
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            if container["image"].startswith("ghcr.io/example/modelyard"):
+                assert "MODELYARD_REPOSITORY" in defined_env(container), (name, container["name"])
+
+
+def test_triton_reads_the_local_copy_triton_sync_keeps_where_the_configs_say(monkeypatch):
+    settings = settings_from_configmap(monkeypatch)
+    pod = serving_pod("triton")
+    containers = by_name(pod["containers"])
+    (first_sync,) = pod["initContainers"]
+    triton, sync = containers["triton"], containers["sync"]
+    root = settings.triton_model_root  # where a TensorRT version's config puts its engine cache
+    assert f"--model-repository={root}" in triton["args"] and "--model-control-mode=poll" in triton["args"]
+    assert "--strict-readiness=false" in triton["args"]  # a model Triton cannot load does not unready it
+    for container in (first_sync, sync):
+        assert container["args"][:2] == ["triton-sync", root]
+    assert "--once" in first_sync["args"] and "--once" not in sync["args"]
+    mounts = {c["name"]: {m["mountPath"]: m["name"] for m in c["volumeMounts"]} for c in (first_sync, sync, triton)}
+    assert {m[root] for m in mounts.values()} == {"models"}  # one volume, seen at the same path by all three
+    assert str(triton["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    assert {p["httpGet"]["path"] for p in (triton["livenessProbe"], triton["readinessProbe"])} == {
+        "/v2/health/live", "/v2/health/ready"}
+    service = resources("Service", SERVING_DOCS)["triton"]
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= {p["name"] for p in triton["ports"]}
+
+
+def test_modelyard_serve_takes_its_token_from_a_mounted_secret_and_probes_the_open_routes():
+    pod = serving_pod("modelyard-serve")
+    (serve,) = pod["containers"]
+    assert serve["args"][0] == "serve" and arg(serve, "--host") == "0.0.0.0"
+    token_dir = str(Path(arg(serve, "--token-file")).parent)
+    mount = next(m for m in serve["volumeMounts"] if m["mountPath"] == token_dir)
+    volume = by_name(pod["volumes"])[mount["name"]]
+    assert volume["secret"]["secretName"] == "modelyard-serve-token" and mount.get("readOnly") is True
+    # the health routes answer without the token (serving.auth); everything else needs it
+    assert {serve["livenessProbe"]["httpGet"]["path"], serve["readinessProbe"]["httpGet"]["path"]} == {
+        "/v2/health/live", "/v2/health/ready"}
+    assert arg(serve, "--device") in ("cpu", "cuda", "tensorrt")
+
+
+def test_the_kserve_example_serves_the_same_repository_with_triton():
+    (name, isvc), = KSERVE_DOCS
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    assert isvc["metadata"]["namespace"] == NAMESPACE
+    predictor = isvc["spec"]["predictor"]
+    model = predictor["model"]
+    assert model["modelFormat"]["name"] == "triton" and model["runtime"] == "kserve-tritonserver"
+    assert model["protocolVersion"] == "v2"
+    assert model["storageUri"] == configmap_data("modelyard-settings")["MODELYARD_REPOSITORY"]
+    assert predictor["serviceAccountName"] in resources("ServiceAccount", SERVING_DOCS)
+    # KServe's storage initializer downloads storageUri to /mnt/models: the engine cache paths match
+    assert configmap_data("modelyard-settings")["MODELYARD_TRITON_MODEL_ROOT"] == "/mnt/models"

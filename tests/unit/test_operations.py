@@ -8,9 +8,10 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-import producer.cli_operations  # noqa: F401  registers the commands (producer.cli imports it too)
+import producer.cli.operations  # noqa: F401  registers the commands (producer.cli imports it too)
 from producer import api, operations
 from producer.cli import app
+from shared import queues
 from shared.celery_app import make_celery
 from shared.jobs import FAILED, INDEX, PREFIX, RUNNING, SUCCEEDED, JobStore
 from shared.redis_server import free_port
@@ -26,15 +27,15 @@ def url(redis_server, monkeypatch, tmp_path):
     monkeypatch.setenv("MODELYARD_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MODELYARD_ARTIFACT_STORE", (tmp_path / "artifacts").as_uri())
     get_settings.cache_clear()
-    operations.redis_client(url).flushdb()
+    queues.redis_client(url).flushdb()
     yield url
-    operations.redis_client(url).flushdb()
+    queues.redis_client(url).flushdb()
     get_settings.cache_clear()
 
 
 @pytest.fixture
 def client(url):
-    return operations.redis_client(url)
+    return queues.redis_client(url)
 
 
 def run(*args: str):
@@ -51,9 +52,9 @@ def test_fake_messages_in_the_cpu_list_and_its_priority_lists_are_counted(client
     client.lpush("cpu", *[json.dumps({"body": i}) for i in range(3)])
     client.lpush("cpu\x06\x169", "urgent", "urgent")
     client.lpush("gpu\x06\x163", "x")
-    assert operations.queue_depth(client, "cpu") == 5
-    assert operations.queue_depth(client, "gpu") == 1
-    assert operations.queue_depth(client, "other") == 0
+    assert queues.queue_depth(client, "cpu") == 5
+    assert queues.queue_depth(client, "gpu") == 1
+    assert queues.queue_depth(client, "other") == 0
 
 
 def test_queue_keys_are_the_lists_kombu_pushes_to(url, client):
@@ -62,16 +63,16 @@ def test_queue_keys_are_the_lists_kombu_pushes_to(url, client):
     for priority in range(10):
         celery_app.send_task("modelyard.convert", kwargs={"job_id": f"j{priority}", "model": "m"},
                              queue="cpu", priority=priority)
-    keys = set(operations.queue_keys("cpu"))
+    keys = set(queues.queue_keys("cpu"))
     found = {k.decode() for k in client.keys("cpu*")}
     assert found and found <= keys
-    assert operations.queue_depth(client, "cpu") == 10
+    assert queues.queue_depth(client, "cpu") == 10
     with celery_app.connection_for_read() as conn:
         assert conn.default_channel._size("cpu") == 10  # kombu's own count agrees
 
 
 def test_a_global_key_prefix_and_custom_steps_are_followed():
-    keys = operations.queue_keys("gpu", {"global_keyprefix": "my:", "priority_steps": [0, 5], "sep": ":"})
+    keys = queues.queue_keys("gpu", {"global_keyprefix": "my:", "priority_steps": [0, 5], "sep": ":"})
     assert keys == ["my:gpu", "my:gpu:5"]
 
 
@@ -79,7 +80,7 @@ def test_unacked_messages_are_counted_per_queue(client):
     for tag, queue in [("a", "cpu"), ("b", "cpu"), ("c", "gpu")]:
         client.hset("unacked", tag, json.dumps([{"body": "..."}, queue, queue]))
     client.hset("unacked", "junk", "not json")
-    assert operations.unacked_counts(client) == {"cpu": 2, "gpu": 1}
+    assert queues.unacked_counts(client) == {"cpu": 2, "gpu": 1}
 
 
 def test_queues_json_with_no_worker_online(client):
@@ -123,7 +124,7 @@ class FakeInspect:
         calls.append(("inspect", destination, kwargs.get("limit")))
 
     def active_queues(self):
-        return {"gpu@h": [{"name": "gpu"}], "cpu@h": [{"name": "cpu"}]}
+        return {"gpu@h": [{"name": "gpu"}, {"name": "gpu.gpu-h100-80gb-hbm3"}], "cpu@h": [{"name": "cpu"}]}
 
     def active(self):
         return {
@@ -157,7 +158,8 @@ def test_workers_report_reads_job_stage_and_variant_from_the_task_kwargs():
     rows = operations.workers_report(fake, timeout=0.5)
     assert [r["name"] for r in rows] == ["cpu@h", "gpu@h"]
     gpu = rows[1]
-    assert gpu["queues"] == ["gpu"] and gpu["pool"] == "prefork" and gpu["concurrency"] == 1
+    assert gpu["queues"] == ["gpu", "gpu.gpu-h100-80gb-hbm3"] and gpu["pool"] == "prefork" and gpu["concurrency"] == 1
+    assert gpu["hardware_class"] == "gpu-h100-80gb-hbm3" and rows[0]["hardware_class"] is None
     assert gpu["processed"] == 7
     assert gpu["active"] == [{"task_id": "t1", "task": "modelyard.optimize", "stage": "optimize", "job_id": "j1",
                               "model": "minilm", "variant": "fp16", "queue": "gpu", "started": 100.0, "pid": 42}]

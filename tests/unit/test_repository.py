@@ -21,7 +21,7 @@ def publish(repo: ModelRepository, tmp: Path, digest: str) -> int:
     version = repo.claim_version("m", {"artifact_digest": digest})
     model = tmp / f"model-{digest}.onnx"
     model.write_bytes(digest.encode())
-    repo.publish("m", version, {"model.onnx": model}, {"artifact_digest": digest, **IO}, "name: \"m\"\n")
+    repo.publish("m", version, {"model.onnx": model}, {"artifact_digest": digest, "format": "onnx", **IO})
     return version
 
 

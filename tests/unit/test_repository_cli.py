@@ -23,7 +23,7 @@ def publish(repo: ModelRepository, tmp: Path, name: str) -> int:
     version = repo.claim_version(name, {})
     path = tmp / f"{name}-{version}.onnx"
     path.write_bytes(b"not run by these tests")
-    repo.publish(name, version, {"model.onnx": path}, {"model_file": "model.onnx", **IO}, f'name: "{name}"\n')
+    repo.publish(name, version, {"model.onnx": path}, {"model_file": "model.onnx", **IO})
     return version
 
 
@@ -103,10 +103,10 @@ def test_user_errors_exit_2_with_a_message(repo, args, message):
 
 
 def test_serve_passes_its_options_to_the_server(repo, monkeypatch):
-    import worker.serving
+    import serving
 
     calls = []
-    monkeypatch.setattr(worker.serving, "serve", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(serving, "serve", lambda *args, **kwargs: calls.append((args, kwargs)))
     result = run("serve", "m", "--version", "2", "-r", repo.uri, "--port", "9123", "--poll-interval", "0.5")
     assert result.exit_code == 0, result.output
     (args, kwargs), = calls

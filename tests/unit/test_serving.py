@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from serving import create_app
 from shared.errors import UserInputError
 from shared.redis_server import free_port
 from shared.repository import ModelRepository
-from shared.triton import config_pbtxt
 from tests.storage_fixtures import gcs_emulator, unique_bucket  # noqa: F401  (fixture)
-from worker.serving import create_app
 
 IO = {
     "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 4]},
@@ -59,8 +58,7 @@ def publish_model(repo: ModelRepository, tmp: Path, content: bytes, name: str = 
     path = tmp / f"upload-{name}-{version}.onnx"
     path.write_bytes(content)
     manifest = {"model": name, "version": version, "model_file": "model.onnx", "format": "onnx", **IO}
-    repo.publish(name, version, {"model.onnx": path}, manifest,
-                 config_pbtxt(name, "onnx", IO["inputs"], IO["outputs"]))
+    repo.publish(name, version, {"model.onnx": path}, manifest)
     return version
 
 
@@ -102,7 +100,7 @@ def test_health_and_metadata(client):
     assert client.get("/v2/health/ready").status_code == 200
     assert client.get("/v2/models/m/ready").status_code == 200
     assert client.get("/v2/models/m/versions/2/ready").status_code == 200
-    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data", "model_repository"]
+    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data"]
     meta = client.get("/v2/models/m").json()
     assert meta["name"] == "m" and meta["versions"] == ["1", "2"] and meta["platform"] == "onnxruntime_onnx"
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]},
@@ -135,7 +133,7 @@ def test_version_specific_infer(client):
 
 def test_binary_tensor_extension_and_gzip(client):
     header = request_body()
-    for tensor, array in zip(header["inputs"], (X, MASK)):
+    for tensor, array in zip(header["inputs"], (X, MASK), strict=True):
         del tensor["data"]
         tensor["parameters"] = {"binary_data_size": array.nbytes}
     header["outputs"] = [{"name": "y", "parameters": {"binary_data": True}}]
@@ -265,7 +263,7 @@ def test_a_version_that_fails_to_load_keeps_the_old_one_serving(client, repo, tm
 def test_a_fixed_version_is_served_and_a_missing_alias_is_refused(repo, tmp_path):
     with TestClient(create_app(repo.uri, "m", "2", poll_interval=0.05)) as fixed:
         server = fixed.app.state.server
-        assert server._poller is None  # a fixed version is never polled
+        assert not server.alias.polling  # a fixed version is never polled
         np.testing.assert_allclose(output_of(fixed.post("/v2/models/m/infer", json=request_body())), expected(W2),
                                    rtol=1e-6)
         cache = server.cache_dir
@@ -275,7 +273,7 @@ def test_a_fixed_version_is_served_and_a_missing_alias_is_refused(repo, tmp_path
         create_app(repo.uri, "m", "staging")
 
 
-def test_serves_from_a_gs_repository_and_follows_its_alias(gcs_emulator, tmp_path):  # noqa: F811
+def test_serves_from_a_gs_repository_and_follows_its_alias(gcs_emulator, tmp_path):
     repo = ModelRepository.open(f"gs://{unique_bucket()}/models")
     publish_model(repo, tmp_path, tiny_model(W1))
     publish_model(repo, tmp_path, tiny_model(W2))
@@ -342,7 +340,7 @@ def test_hot_swap_under_load_drops_no_request(repo, tmp_path):
                 if not np.allclose(data, want[version], rtol=1e-6):
                     failures.append(f"version {version} answered another version's numbers")
                 log.append(version)
-            except Exception as exc:  # noqa: BLE001 - any failure counts
+            except Exception as exc:  # any failure counts
                 failures.append(f"{type(exc).__name__}: {exc}")
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=10)
@@ -359,7 +357,7 @@ def test_hot_swap_under_load_drops_no_request(repo, tmp_path):
         for thread in clients:
             thread.join(timeout=15)
         server = app.state.server
-        assert server.swaps == 1 and server.current.version == 2
+        assert server.alias.swaps == 1 and server.current.version == 2
 
     print(f"hot swap: {sum(map(len, seen))} requests, versions per client: "
           f"{[(log.count('1'), log.count('2')) for log in seen]}, failures: {len(failures)}")
@@ -407,12 +405,12 @@ def test_tritonclient_can_call_our_server(repo, tmp_path):
 
 
 def test_json_floats_round_trip_exactly_and_non_finite_values_still_encode():
-    from worker.serving import _float_text
+    from serving.tensors import float_text
 
     rng = np.random.default_rng(1)
     for dtype, exponents in ((np.float32, 30), (np.float16, 4)):
         values = (rng.standard_normal(5000) * 10.0 ** rng.integers(-exponents, exponents, 5000)).astype(dtype)
-        decoded = np.array(json.loads(_float_text(values)), dtype=dtype)
+        decoded = np.array(json.loads(float_text(values)), dtype=dtype)
         assert np.array_equal(decoded, values)
-    assert _float_text(np.array([1.0, np.nan], np.float32)) is None  # json.dumps writes NaN
-    assert _float_text(np.array([1.0], np.float64)) is None  # doubles keep their exact repr
+    assert float_text(np.array([1.0, np.nan], np.float32)) is None  # json.dumps writes NaN
+    assert float_text(np.array([1.0], np.float64)) is None  # doubles keep their exact repr

@@ -21,10 +21,9 @@ import requests
 import urllib3
 from google.api_core import exceptions as api_exceptions
 from google.cloud.storage import Blob
-from google.cloud.storage.exceptions import DataCorruption
 
 from shared.errors import IntegrityError, NotFound, PreconditionFailed, TransientError, UserInputError
-from shared.storage import FileRef, open_store
+from shared.storage import UPLOADS, FileRef, open_store
 from shared.storage.base import blob_key
 from tests.storage_fixtures import gcs_emulator, store, unique_bucket  # noqa: F401  (fixtures)
 
@@ -57,7 +56,7 @@ def is_gcs(store) -> bool:
 
 
 @pytest.fixture
-def gcs_store(gcs_emulator):  # noqa: F811
+def gcs_store(gcs_emulator):
     return open_store(f"gs://{unique_bucket()}/prefix")
 
 
@@ -88,6 +87,25 @@ def test_put_file_twice_with_same_content_uploads_one_blob(store, tmp_path):
     assert ref_a.digest == ref_b.digest
     assert upload.call_count == 1
     assert store.list("blobs/") == [blob_key(ref_a.digest)]
+
+
+def test_a_producer_upload_lives_under_uploads_and_round_trips_by_its_ref(store, tmp_path):
+    source = tmp_path / "model.onnx"
+    source.write_bytes(b"a submitted model")
+    ref = store.put_file(source, area=UPLOADS)
+    assert store.list("uploads/") == [blob_key(ref.digest, UPLOADS)] and store.list("blobs/") == []
+    again = FileRef.from_dict(ref.to_dict())
+    assert again == ref and again.area == UPLOADS
+    assert store.get_file(again, tmp_path / "out" / "m.onnx").read_bytes() == b"a submitted model"
+
+
+def test_a_worker_output_ref_reads_as_before_without_an_area_field(store, tmp_path):
+    source = tmp_path / "model.onnx"
+    source.write_bytes(b"a converted model")
+    ref = store.put_file(source)
+    assert "area" not in ref.to_dict()  # step manifests and keys are unchanged for worker outputs
+    with pytest.raises(UserInputError, match="unknown storage area"):
+        FileRef.from_dict({**ref.to_dict(), "area": "../steps"})
 
 
 def test_get_file_of_tampered_blob_raises_integrity_error_and_leaves_no_file(store, tmp_path):
@@ -219,6 +237,49 @@ def test_put_dir_then_get_files_recreates_folder_with_subfolder(store, tmp_path)
     restored = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     original = {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*") if p.is_file()}
     assert restored == original
+
+
+# -- observing transfers ------------------------------------------------------------------
+
+
+def test_transfer_hook_sees_the_bytes_of_an_upload_and_a_download(store, tmp_path):
+    seen: list[tuple[str, int]] = []
+    store.on_transfer = lambda direction, nbytes: seen.append((direction, nbytes))
+    source = tmp_path / "weights.bin"
+    source.write_bytes(os.urandom(1234))
+
+    ref = store.put_file(source)
+    store.get_file(ref, tmp_path / "out" / "weights.bin")
+
+    assert seen == [("uploaded", 1234), ("downloaded", 1234)]
+
+
+def test_transfer_hook_sees_whole_objects_but_not_a_blob_already_stored(store, tmp_path):
+    source = tmp_path / "config.pbtxt"
+    source.write_bytes(b"x" * 100)
+    store.put_file(source)
+    seen: list[tuple[str, int]] = []
+    store.on_transfer = lambda direction, nbytes: seen.append((direction, nbytes))
+
+    store.put_file(source)  # already stored: nothing uploaded
+    store.put_object("repository/m/config.pbtxt", source)
+    store.get_object("repository/m/config.pbtxt", tmp_path / "back.pbtxt")
+    store.write_json("steps/a.json", {"small": "document"})  # documents are not transfers
+
+    assert seen == [("uploaded", 100), ("downloaded", 100)]
+
+
+def test_a_failing_transfer_hook_does_not_fail_the_transfer(store, tmp_path):
+    def broken(direction: str, nbytes: int) -> None:
+        raise RuntimeError("observer bug")
+
+    store.on_transfer = broken
+    source = tmp_path / "a.bin"
+    source.write_bytes(b"payload")
+
+    ref = store.put_file(source)
+
+    assert store.get_file(ref, tmp_path / "b.bin").read_bytes() == b"payload"
 
 
 # -- large artifacts: bounded memory ------------------------------------------------------
@@ -391,14 +452,14 @@ def test_blob_is_complete_once_visible_after_upload(store, tmp_path):
 # -- gs:// specifics ------------------------------------------------------------------------
 
 
-def test_gcs_uri_is_normalized(gcs_emulator):  # noqa: F811
+def test_gcs_uri_is_normalized(gcs_emulator):
     bucket = unique_bucket()
 
     assert open_store(f"gs://{bucket}//a//b/").uri == f"gs://{bucket}/a/b"
 
 
 def test_gcs_missing_bucket_without_create_flag_raises_user_input_error_naming_it(
-    gcs_emulator, monkeypatch  # noqa: F811
+    gcs_emulator, monkeypatch
 ):
     monkeypatch.delenv("MODELYARD_GCS_CREATE_BUCKET")
     bucket = unique_bucket()
@@ -434,7 +495,7 @@ def http_spy(store):
 def spied_requests(spy) -> list[dict]:
     """method, url, data and headers of each recorded call, however they were passed."""
     names = ("method", "url", "data", "headers")
-    return [{**dict(zip(names, c.args)), **{k: v for k, v in c.kwargs.items() if k in names}}
+    return [{**dict(zip(names, c.args, strict=False)), **{k: v for k, v in c.kwargs.items() if k in names}}
             for c in spy.call_args_list]
 
 

@@ -160,9 +160,9 @@ def plan(model, example) -> dict:
     try:
         graph_module = torch.fx.symbolic_trace(model)
         ShapeProp(graph_module).propagate(*example)
-    except Exception as exc:  # noqa: BLE001 - untraceable control flow, wrong example shapes
-        raise UserInputError(f"compress.prune channels: the model cannot be traced with torch.fx: "
-                             f"{' '.join(str(exc).split())[:300]}") from None
+    except Exception:
+        raise UserInputError("compress.prune channels: the model cannot be traced with torch.fx: "
+                             "{one_line(exc)}") from None
     found = {}
     for node in graph_module.graph.nodes:
         if _kind(graph_module, node) == "Conv2d" and graph_module.get_submodule(node.target).groups == 1:

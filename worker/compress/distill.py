@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-Arrays = dict[str, np.ndarray]
+from shared.arrays import Arrays
 
 
 @dataclass
@@ -174,7 +174,7 @@ def agreement(student, teacher, data: Arrays, *, forward, mask_of=None, batch_si
     """How close the student's outputs are to the teacher's on data: per-vector cosine min/mean."""
     import torch
 
-    from worker.fidelity import cosines
+    from shared.inference.fidelity import cosines
 
     student.to(device).eval()
     teacher.to(device).eval()

@@ -28,21 +28,19 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.arrays import Arrays
 from shared.errors import UserInputError
+from worker.support.transformers_models import input_names  # noqa: F401 - part of this module's interface
 
-Arrays = dict[str, np.ndarray]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
 
 
 def load(folder: Path, task: str | None, source: str):
     """The model in folder, float32, eager attention, in eval mode (UserInputError if it cannot load)."""
-    import transformers
+    from worker.support.transformers_models import check_folder, load_model
 
-    from worker.plugins.hf_transformers import TASKS, _check_folder, _load_model
-
-    _check_folder(folder, source)
-    auto_name, _ = TASKS[task or "feature-extraction"]
-    return _load_model(folder, getattr(transformers, auto_name), source)
+    check_folder(folder, source)
+    return load_model(folder, task, source)
 
 
 def objective(task: str | None) -> str:
@@ -52,9 +50,9 @@ def objective(task: str | None) -> str:
 def forward_fn(task: str | None, pooling: dict | None = None):
     """``forward(model, batch)``: the output the task exports, which distillation matches.
 
-    ``pooling`` (``worker.plugins.hf_transformers.pooling_of``) for task sentence-embedding.
+    ``pooling`` (``worker.support.sentence_pooling.pooling_of``) for task sentence-embedding.
     """
-    from worker.plugins.hf_transformers import task_output
+    from worker.support.transformers_models import task_output
 
     def forward(model, batch: dict):
         return task_output(model, batch, task, pooling)
@@ -102,21 +100,12 @@ def count(keep: float, total: int, what: str) -> int:
 # -- data ----------------------------------------------------------------------------------
 
 def tokenizer_of(folder: Path, source: str):
-    from worker.plugins.hf_transformers import _tokenizer
+    from worker.support.transformers_samples import load_tokenizer
 
-    tokenizer = _tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
     if tokenizer is None:
         raise UserInputError(f"model.source {source}: distilling a text model needs its tokenizer in the folder")
     return tokenizer
-
-
-def input_names(model) -> list[str]:
-    import inspect
-
-    from worker.plugins.hf_transformers import INPUT_ORDER
-
-    accepted = set(inspect.signature(model.forward).parameters)
-    return [name for name in INPUT_ORDER if name in accepted]
 
 
 # -- pruning -------------------------------------------------------------------------------
@@ -150,7 +139,7 @@ def set_layers(model, layers) -> None:
 def _prune_layers(model, keep: float, probe: Arrays | None, task: str | None, pooling: dict | None) -> dict:
     import torch
 
-    from worker.fidelity import cosines
+    from shared.inference.fidelity import cosines
 
     _, layers = encoder_layers(model)
     layers = list(layers)
@@ -285,7 +274,7 @@ def save(model, teacher_folder: Path, out: Path) -> None:
         elif path.is_dir() and not path.is_symlink():  # e.g. sentence-transformers' 1_Pooling
             shutil.copytree(path, out / path.name, dirs_exist_ok=True, symlinks=False,
                             ignore=lambda _dir, names: [n for n in names if n.lower().endswith(WEIGHT_SUFFIXES)])
-    from worker.plugins.hf_transformers import quiet
+    from worker.support.transformers_models import quiet
 
     with quiet():
         model.save_pretrained(str(out), safe_serialization=True)

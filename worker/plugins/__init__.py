@@ -18,9 +18,10 @@ from worker.plugins.registry import registry
 __all__ = ["registry"]
 
 PLUGIN_MODULES_ENV = "MODELYARD_PLUGIN_MODULES"
+NOT_PLUGINS = ("base", "registry", "catalog")  # the framework around the plugins, in this package too
 
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in ("base", "registry"):
+    if _module.name not in NOT_PLUGINS:
         importlib.import_module(f"{__name__}.{_module.name}")
 
 for _name in filter(None, (part.strip() for part in os.environ.get(PLUGIN_MODULES_ENV, "").split(","))):

@@ -10,9 +10,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from shared.errors import UserInputError
+from shared.errors import UserInputError, one_line
 from worker.plugins.base import Optimizer, OptimizeRequest
-from worker.plugins.int8_dynamic import check_params
 
 
 class Fp16(Optimizer):
@@ -24,17 +23,16 @@ class Fp16(Optimizer):
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        from worker.runtime import check_loads, save_onnx
+        from shared.inference.runtime import check_loads, save_onnx
 
-        check_params(self.name, dict(request.params), {})
         output = Path(request.workdir).absolute() / "model.onnx"
         try:
             proto = onnx.load(str(request.model), load_external_data=True)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 converted = convert_float_to_float16(proto, keep_io_types=True)
-        except Exception as exc:  # noqa: BLE001
-            message = " ".join(str(exc).split())[:300]
+        except Exception as exc:
+            message = one_line(exc)
             raise UserInputError(
                 f"fp16 could not convert {Path(request.model).name}: {type(exc).__name__}: {message}"
             ) from None

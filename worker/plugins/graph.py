@@ -8,20 +8,17 @@ by ONNX Runtime itself at ``ORT_ENABLE_EXTENDED`` and saved with ``optimized_mod
 
 Either output runs on ONNX Runtime only (contrib ops are not standard ONNX).
 
-params: ``model_type``: "auto" (default), "bert" or "generic"; ``num_heads`` / ``hidden_size``:
-ints for the transformer optimizer (0 = detect).
+Parameters: ``Graph.params``. ``num_heads`` / ``hidden_size`` 0 take what the hf-transformers
+converter recorded in the model's metadata, else ONNX Runtime detects them from the graph.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from shared.errors import UserInputError
-from worker.plugins.base import Optimizer, OptimizeRequest
-from worker.plugins.int8_dynamic import check_params
-
-PARAMS = {"model_type": str, "num_heads": int, "hidden_size": int}
-MODEL_TYPES = ("auto", "bert", "generic")
+from shared.errors import UserInputError, one_line
+from worker.plugins.base import Optimizer, OptimizeRequest, Param
+from worker.support.onnx_files import metadata
 
 
 def looks_like_bert(model_path: Path) -> bool:
@@ -36,9 +33,7 @@ def looks_like_bert(model_path: Path) -> bool:
 
 def _attention_shape(model_path: Path) -> tuple[int, int]:
     """(num_heads, hidden_size) recorded by the hf-transformers converter; (0, 0) = let ORT detect."""
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
+    props = metadata(model_path)
     try:
         return int(props.get("modelyard.num_attention_heads", 0)), int(props.get("modelyard.hidden_size", 0))
     except ValueError:
@@ -48,27 +43,28 @@ def _attention_shape(model_path: Path) -> tuple[int, int]:
 class Graph(Optimizer):
     name = "graph"
     applies_to = ("onnx",)
+    params = {
+        "model_type": Param(str, "auto", "bert: the transformer optimizer; generic: ONNX Runtime's own; "
+                                         "auto: bert for BERT-like graphs", choices=("auto", "bert", "generic")),
+        "num_heads": Param(int, 0, "attention heads, for the transformer optimizer (0: recorded or detected)", min=0),
+        "hidden_size": Param(int, 0, "hidden size, for the transformer optimizer (0: recorded or detected)", min=0),
+    }
 
     def optimize(self, request: OptimizeRequest) -> Path:
-        from worker.runtime import check_loads
+        from shared.inference.runtime import check_loads
 
-        params = check_params(self.name, dict(request.params), PARAMS)
-        model_type = params.get("model_type", "auto")
-        if model_type not in MODEL_TYPES:
-            raise UserInputError(
-                f"optimize variant graph: model_type {model_type!r} is not one of {', '.join(MODEL_TYPES)}"
-            )
+        model_type = request.params["model_type"]
         source = Path(request.model).absolute()
         output = Path(request.workdir).absolute() / "model.onnx"
         if model_type == "bert" or (model_type == "auto" and looks_like_bert(source)):
             heads, hidden = _attention_shape(source)
-            heads = params.get("num_heads", heads)
-            hidden = params.get("hidden_size", hidden)
+            heads = request.params["num_heads"] or heads
+            hidden = request.params["hidden_size"] or hidden
             try:
                 self._transformer(source, output, heads, hidden)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 if model_type == "bert":
-                    message = " ".join(str(exc).split())[:300]
+                    message = one_line(exc)
                     raise UserInputError(
                         f"optimize variant graph: the transformer optimizer failed on {source.name}: {message}"
                     ) from None
@@ -82,7 +78,7 @@ class Graph(Optimizer):
     def _transformer(source: Path, output: Path, num_heads: int, hidden_size: int) -> None:
         from onnxruntime.transformers.optimizer import optimize_model
 
-        from worker.runtime import save_onnx
+        from shared.inference.runtime import save_onnx
 
         # Its loggers are named after bare module names ("fusion_attention", ...): the package puts
         # its folder on sys.path. With heads/hidden size known they stay quiet on BERT graphs.
@@ -101,7 +97,7 @@ class Graph(Optimizer):
     def _generic(source: Path, output: Path) -> None:
         import onnxruntime as ort
 
-        from worker.runtime import PROTO_LIMIT, model_bytes
+        from shared.inference.runtime import PROTO_LIMIT, model_bytes
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -116,6 +112,7 @@ class Graph(Optimizer):
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
             ort.InferenceSession(str(source), sess_options=options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001
-            message = " ".join(str(exc).split())[:300]
-            raise UserInputError(f"optimize variant graph: ONNX Runtime cannot optimize {source.name}: {message}") from None
+        except Exception as exc:
+            message = one_line(exc)
+            raise UserInputError(
+                f"optimize variant graph: ONNX Runtime cannot optimize {source.name}: {message}") from None

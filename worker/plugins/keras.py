@@ -4,9 +4,12 @@ Safety: a ``.keras`` file is a zip of a JSON config and HDF5 weights, loaded wit
 ``safe_mode=True`` (a ``Lambda`` layer's Python bytecode is refused). Before Keras sees it,
 the config is read as JSON and every ``module`` it names must be under ``keras``: a config that
 points deserialization at another module (``os``, ``subprocess``, a custom package) is refused
-without importing anything. The zip's total unpacked size is capped by
-``MODELYARD_MAX_ARCHIVE_BYTES``. Legacy ``.h5`` / HDF5 model files are refused: Keras loads
-them through a separate path that ``safe_mode`` does not cover.
+without importing anything. The zip is read by ``worker.support.zip_check`` (duplicate names,
+hidden or overlapping data, unsafe paths refused; unpacked size capped by
+``MODELYARD_MAX_ARCHIVE_BYTES``), and Keras loads a fresh archive written from the checked
+members, so the config it deserializes is the config that was checked. Legacy ``.h5`` / HDF5
+model files are refused: Keras loads them through a separate path that ``safe_mode`` does not
+cover.
 
 Inputs come from ``model.inputs`` (their names and shapes; the first dimension is the batch
 and stays symbolic); ``model.inputs`` in the job file may rename the symbolic dims. Outputs are
@@ -17,13 +20,14 @@ in ``model.inputs`` order.
 from __future__ import annotations
 
 import json
-import shutil
-import zipfile
+import tempfile
 from pathlib import Path
 
-from shared.errors import UserInputError
+from shared.errors import UserInputError, one_line
 from worker.plugins.base import Converter, ConvertRequest, ConvertResult, TensorInfo
-from worker.tf_export import one_line, symbolic_shape
+from worker.support.onnx_inputs import input_infos
+from worker.support.samples import samples_for
+from worker.support.tf_export import symbolic_shape
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -37,22 +41,17 @@ class KerasConverter(Converter):
     tools = ("tensorflow-cpu", "keras", "tf2onnx", "ai-edge-litert", "onnx", "onnxruntime")
 
     def convert(self, request: ConvertRequest) -> ConvertResult:
-        from worker.plugins.onnx_passthrough import _input_infos
-        from worker.samples import samples_for
-        from worker.tf_export import (
-            export,
-            import_tensorflow,
-            serving_function,
-        )
+        from worker.support.tf_export import export, import_tensorflow, serving_function
 
         label = f"model.source {request.model.source}"
-        path = _checked_file(Path(request.source), label, request.settings.max_archive_bytes)
-        tf = import_tensorflow(request.settings.bench_threads)
-        import keras
+        with tempfile.TemporaryDirectory(prefix="modelyard-keras-") as scratch:
+            path = _checked_file(Path(request.source), label, request.settings.max_archive_bytes, Path(scratch))
+            tf = import_tensorflow(request.settings.bench_threads)
+            import keras
 
-        model = _load(path, label)
+            model = _load(path, label)
         declared = _model_inputs(model, label)
-        inputs = _input_infos(declared, request, label)
+        inputs = input_infos(declared, request, label)
         samples, _origin = samples_for(request, inputs)
         output_names = _output_names(model)
 
@@ -69,10 +68,13 @@ class KerasConverter(Converter):
         return export(model, function, inputs, samples, request, label, extra)
 
 
-def _checked_file(source: Path, label: str, max_bytes: int) -> Path:
-    """The source as a ``.keras`` path after the format and config checks (no Keras involved)."""
+def _checked_file(source: Path, label: str, max_bytes: int, scratch: Path) -> Path:
+    """A clean ``.keras`` copy in ``scratch`` of the source, after the format and config checks (no Keras)."""
+    from worker.support.zip_check import open_checked_zip
+
     if source.is_dir():
-        raise UserInputError(f"{label}: format keras needs a .keras file, got a folder (a SavedModel? use tf-savedmodel)")
+        raise UserInputError(
+            f"{label}: format keras needs a .keras file, got a folder (a SavedModel? use tf-savedmodel)")
     if not source.is_file():
         raise UserInputError(f"{label}: not found")
     with open(source, "rb") as handle:
@@ -83,27 +85,17 @@ def _checked_file(source: Path, label: str, max_bytes: int) -> Path:
             "safe_mode does not protect, so a crafted file can run code. Re-save the model as a Keras 3 "
             "file (model.save('model.keras')) and resubmit"
         )
-    if not head.startswith(ZIP_MAGIC) or not zipfile.is_zipfile(source):
+    if not head.startswith(ZIP_MAGIC):
         raise UserInputError(f"{label}: not a Keras 3 .keras file (a .keras file is a zip archive)")
-    with zipfile.ZipFile(source) as archive:
-        total = sum(info.file_size for info in archive.infolist())
-        if total > max_bytes:
-            raise UserInputError(
-                f"{label}: unpacks to {total / 2**30:.2f} GiB, over the {max_bytes / 2**30:.2f} GiB cap "
-                "(MODELYARD_MAX_ARCHIVE_BYTES)"
-            )
+    with open_checked_zip(source, label, max_bytes=max_bytes) as archive:
         try:
             config = json.loads(archive.read("config.json"))
         except KeyError:
             raise UserInputError(f"{label}: the .keras archive has no config.json") from None
-        except ValueError as exc:
+        except (ValueError, UnicodeDecodeError) as exc:
             raise UserInputError(f"{label}: config.json is not valid JSON: {exc}") from None
-    _check_modules(config, label)
-    if source.suffix.lower() == ".keras":
-        return source
-    renamed = source.with_name(source.stem + ".keras")  # Keras picks its loader by the suffix
-    shutil.copyfile(source, renamed)
-    return renamed
+        _check_modules(config, label)
+        return archive.rewrite(scratch / "model.keras")  # Keras picks its loader by the suffix
 
 
 def _check_modules(node: object, label: str, where: str = "config") -> None:

@@ -5,6 +5,10 @@ external data files beside it. External data locations must be plain relative pa
 the model's folder: absolute paths, ``..`` components and symlinks are refused, since a
 crafted location could make the worker read any file on the machine.
 
+Every tensor in the model is checked, wherever it sits: initializers, the values and indices of
+sparse initializers, node attributes, subgraphs and functions (``onnx``'s own tensor walk skips
+sparse tensors, so the model's protobuf is walked here field by field).
+
 The copy in the workdir is always ``model.onnx``, plus ``model.onnx.data`` when the weights
 were external (they are gathered into that one file whatever they were called before).
 """
@@ -13,13 +17,13 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-
-from shared.errors import UserInputError
-from worker.plugins.base import Converter, ConvertRequest, ConvertResult, TensorInfo
-from worker.samples import samples_for
-
+from shared.errors import UserInputError, one_line
+from worker.plugins.base import Converter, ConvertRequest, ConvertResult
+from worker.support.onnx_inputs import input_infos
+from worker.support.samples import samples_for
 
 
 class OnnxPassthrough(Converter):
@@ -31,22 +35,22 @@ class OnnxPassthrough(Converter):
         import onnx
         import onnxruntime
 
-        from worker.runtime import load_session, save_onnx
+        from shared.inference.runtime import load_session, save_onnx
 
         source = _model_file(Path(request.source), request.model.source)
         label = f"model.source {request.model.source}"
         try:
             proto = onnx.load(str(source), load_external_data=False)
-        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
-            raise UserInputError(f"{label}: not a readable ONNX file: {_one_line(exc)}") from None
+        except Exception as exc:
+            raise UserInputError(f"{label}: not a readable ONNX file: {one_line(exc)}") from None
         external = _check_external_data(proto, source.parent, label)
         try:
             onnx.checker.check_model(str(source))  # path-based: handles external data and > 2 GiB
-        except Exception as exc:  # noqa: BLE001
-            raise UserInputError(f"{label}: the ONNX checker rejects the model: {_one_line(exc)}") from None
+        except Exception as exc:
+            raise UserInputError(f"{label}: the ONNX checker rejects the model: {one_line(exc)}") from None
 
         session = load_session(source, threads=request.settings.bench_threads)
-        inputs = _input_infos(session.inputs, request, label)
+        inputs = input_infos(session.inputs, request, label)
         samples, _origin = samples_for(request, inputs)
         reference = session.run(samples)
         outputs = list(session.outputs)
@@ -55,7 +59,7 @@ class OnnxPassthrough(Converter):
         target = Path(request.workdir) / "model.onnx"
         if external:
             # Gathered into model.onnx.data, or inlined when small enough for one file.
-            save_onnx(onnx.load(str(source), load_external_data=True), target)
+            save_onnx(_with_external_data(source), target)
         else:
             shutil.copyfile(source, target)
         return ConvertResult(
@@ -71,11 +75,6 @@ class OnnxPassthrough(Converter):
                 "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
             },
         )
-
-
-def _one_line(text: object, limit: int = 300) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _model_file(source: Path, label: str) -> Path:
@@ -95,11 +94,11 @@ def _model_file(source: Path, label: str) -> Path:
 def _check_external_data(proto, folder: Path, label: str) -> bool:
     """Refuse unsafe external data locations; True when the model has external data."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
+    from onnx.external_data_helper import ExternalDataInfo
 
     base = folder.resolve()
     seen: dict[str, int] = {}
-    for tensor in _get_all_tensors(proto):
+    for tensor in all_tensors(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = ExternalDataInfo(tensor)
@@ -137,37 +136,33 @@ def _check_external_data(proto, folder: Path, label: str) -> bool:
     return bool(seen)
 
 
-def _input_infos(session_inputs: list[TensorInfo], request: ConvertRequest, label: str) -> list[TensorInfo]:
-    spec = request.model.inputs
-    if not spec:
-        return list(session_inputs)
-    by_name = {t.name: t for t in session_inputs}
-    named = {t.name for t in spec}
-    unknown = sorted(named - by_name.keys())
-    missing = sorted(by_name.keys() - named)
-    if unknown or missing:
-        detail = []
-        if unknown:
-            detail.append(f"not in the model: {', '.join(unknown)}")
-        if missing:
-            detail.append(f"not described: {', '.join(missing)}")
-        raise UserInputError(
-            f"model.inputs does not match {label} ({'; '.join(detail)}; the model takes: {', '.join(by_name)})"
-        )
-    result = []
-    for tensor in spec:
-        graph = by_name[tensor.name]
-        if len(tensor.shape) != len(graph.shape):
-            raise UserInputError(
-                f"model.inputs: {tensor.name} has {len(tensor.shape)} dimensions, the model's has {len(graph.shape)} "
-                f"{graph.shape}"
-            )
-        for dim, want in zip(tensor.shape, graph.shape):
-            if isinstance(dim, int) and isinstance(want, int) and dim != want:
-                raise UserInputError(f"model.inputs: {tensor.name} shape {tensor.shape} conflicts with the model's {graph.shape}")
-        # The graph decides the dtype (the runtime casts to it); the spec names the dims.
-        result.append(TensorInfo(tensor.name, graph.dtype, list(tensor.shape)))
-    return result
+def all_tensors(message) -> Iterator:
+    """Every TensorProto in an ONNX message, at any depth (sparse tensors' values and indices too)."""
+    import onnx
+    from google.protobuf.message import Message
+
+    if isinstance(message, onnx.TensorProto):
+        yield message
+        return
+    for field, value in message.ListFields():
+        if field.type != field.TYPE_MESSAGE:
+            continue
+        for item in (value,) if isinstance(value, Message) else value:
+            yield from all_tensors(item)
+
+
+def _with_external_data(source: Path):
+    """The model with every external tensor read in (checked beforehand by ``_check_external_data``)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    proto = onnx.load(str(source), load_external_data=False)
+    for tensor in all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            load_external_data_for_tensor(tensor, str(source.parent))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    return proto
 
 
 def _opset(proto) -> int | None:

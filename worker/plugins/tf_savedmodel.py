@@ -4,38 +4,26 @@ The model is its ``serving_default`` signature (or its only signature): inputs a
 are the signature's, by name, the batch dimension symbolic. Reference outputs come from
 TensorFlow running that signature.
 
-Safety: a SavedModel is a program, not data. An archive is unpacked by ``worker.archives``
+Safety: a SavedModel is a program, not data. An archive is unpacked by ``worker.support.archives``
 (no ``..``, no absolute paths, no links or devices, a streaming cap on the unpacked size).
-Before TensorFlow loads anything, ``saved_model.pb`` is parsed as a protobuf and refused when
-any function in it uses an operation that touches files or calls back into Python
-(``ReadFile``, ``WriteFile``, ``PyFunc``, file readers and datasets, summary writers, ...), or
-when the serving signature itself saves or restores checkpoints; those run on load or on the
-first call and could read or write anything the worker can. This is a deny-list: run workers
-with least privilege all the same.
+Before TensorFlow loads anything, ``worker.support.savedmodel_check`` parses ``saved_model.pb``
+and inspects every MetaGraph, every function in its library, its init ops, saver and assets:
+operations that touch files, the network or Python are refused anywhere, checkpoint I/O anywhere
+but the saver's own save and restore paths, and tag sets that do not pick exactly one MetaGraph.
+TensorFlow then loads with exactly the tag set that was checked.
 """
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 
-from shared.errors import UserInputError
-from worker.archives import extract_tar, is_tar
+from shared.errors import UserInputError, one_line
 from worker.plugins.base import Converter, ConvertRequest, ConvertResult, TensorInfo
-from worker.tf_export import one_line
-
-# Operations no inference graph needs and that read or write files or run Python.
-DENIED_OPS = {
-    "ReadFile", "WriteFile", "MatchingFiles", "ImmutableConst", "PrintV2",
-    "PyFunc", "PyFuncStateless", "EagerPyFunc",
-    "Save", "SaveSlices", "Restore", "RestoreSlice", "LoadAndRemapMatrix", "GenerateVocabRemapping",
-    "InitializeTableFromTextFile", "InitializeTableFromTextFileV2",
-    "DecodeProtoV2", "EncodeProto",
-}
-DENIED_PATTERNS = re.compile(r"(Reader|Dataset|Summary|Debug|FileWriter)")
-# Checkpoint ops every SavedModel has for its own variables: allowed, but not in the serving signature.
-CHECKPOINT_OPS = {"SaveV2", "RestoreV2", "MergeV2Checkpoints"}
+from worker.support.archives import extract_tar, is_tar
+from worker.support.onnx_inputs import input_infos
+from worker.support.samples import samples_for
+from worker.support.savedmodel_check import check_saved_model
 
 
 class TfSavedModel(Converter):
@@ -59,20 +47,14 @@ class TfSavedModel(Converter):
             return self._convert_folder(_model_folder(source, label), request, label)
 
     def _convert_folder(self, folder: Path, request: ConvertRequest, label: str) -> ConvertResult:
-        from worker.plugins.onnx_passthrough import _input_infos
-        from worker.samples import samples_for
-        from worker.tf_export import (
-            export,
-            import_tensorflow,
-            serving_function,
-            symbolic_shape,
-        )
+        from worker.support.tf_export import export, import_tensorflow, serving_function, symbolic_shape
 
         tf = import_tensorflow(request.settings.bench_threads)
-        key = _check_graph(folder, label)
+        checked = check_saved_model(folder, label)
+        key = checked.signature
         try:
-            loaded = tf.saved_model.load(str(folder), tags=["serve"])
-        except Exception as exc:  # noqa: BLE001 - TF raises many types for a damaged SavedModel
+            loaded = tf.saved_model.load(str(folder), tags=checked.tags)
+        except Exception as exc:
             raise UserInputError(f"{label}: TensorFlow cannot load the SavedModel: {one_line(exc)}") from None
         signature = loaded.signatures[key]
         args, kwargs = signature.structured_input_signature
@@ -80,7 +62,7 @@ class TfSavedModel(Converter):
             raise UserInputError(f"{label}: signature {key!r} takes positional inputs; named inputs are required")
         names = list(kwargs)
         declared = [TensorInfo(n, kwargs[n].dtype.name, symbolic_shape(kwargs[n].shape)) for n in names]
-        inputs = _input_infos(declared, request, label)
+        inputs = input_infos(declared, request, label)
         samples, _origin = samples_for(request, inputs)
 
         function = serving_function(lambda *tensors: dict(signature(**dict(zip(names, tensors)))), inputs)
@@ -94,83 +76,3 @@ def _model_folder(folder: Path, label: str) -> Path:
         if (candidate / "saved_model.pb").is_file():
             return candidate
     raise UserInputError(f"{label}: no saved_model.pb in the folder or in a folder directly below it")
-
-
-def _check_graph(folder: Path, label: str) -> str:
-    """Refuse dangerous operations; return the signature key to serve."""
-    from google.protobuf.message import DecodeError
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved = saved_model_pb2.SavedModel()
-    try:
-        saved.ParseFromString((folder / "saved_model.pb").read_bytes())
-    except DecodeError as exc:
-        raise UserInputError(f"{label}: saved_model.pb is not a SavedModel protobuf: {exc}") from None
-    graphs = [g for g in saved.meta_graphs if "serve" in g.meta_info_def.tags]
-    if not graphs:
-        raise UserInputError(f"{label}: the SavedModel has no graph tagged 'serve'")
-    graph = graphs[0]
-    functions = {f.signature.name: f for f in graph.graph_def.library.function}
-    for where, node in _all_nodes(graph.graph_def, functions.values()):
-        if node.op in DENIED_OPS or DENIED_PATTERNS.search(node.op):
-            raise UserInputError(
-                f"{label}: {where} uses operation {node.op!r}, which reads or writes files or runs Python; "
-                "SavedModels with such operations are refused"
-            )
-    signatures = [k for k in graph.signature_def if not k.startswith("__")]
-    if not signatures:
-        raise UserInputError(f"{label}: the SavedModel has no signature to serve")
-    key = "serving_default" if "serving_default" in signatures else signatures[0] if len(signatures) == 1 else None
-    if key is None:
-        raise UserInputError(
-            f"{label}: no 'serving_default' signature and several others ({', '.join(sorted(signatures))})"
-        )
-    for op in _reachable_ops(graph, key, functions):
-        if op in CHECKPOINT_OPS:
-            raise UserInputError(f"{label}: signature {key!r} uses operation {op!r} (checkpoint I/O); refused")
-    return key
-
-
-def _all_nodes(graph_def, functions):
-    for node in graph_def.node:
-        yield "the graph", node
-    for function in functions:
-        for node in function.node_def:
-            yield f"function {function.signature.name!r}", node
-
-
-def _called(node) -> list[str]:
-    names = []
-    for value in node.attr.values():
-        if value.HasField("func"):
-            names.append(value.func.name)
-        names.extend(f.name for f in value.list.func)
-    return names
-
-
-def _reachable_ops(graph, key: str, functions: dict) -> set[str]:
-    """Op types in the nodes the signature's outputs depend on, through called functions."""
-    nodes = {n.name: n for n in graph.graph_def.node}
-    pending = [t.name.split(":")[0] for t in graph.signature_def[key].outputs.values()]
-    seen_nodes: set[str] = set()
-    seen_functions: set[str] = set()
-    ops: set[str] = set()
-    calls: list[str] = []
-    while pending:
-        name = pending.pop().lstrip("^")
-        if name in seen_nodes or name not in nodes:
-            continue
-        seen_nodes.add(name)
-        node = nodes[name]
-        ops.add(node.op)
-        calls.extend(_called(node))
-        pending.extend(i.split(":")[0] for i in node.input)
-    while calls:
-        name = calls.pop()
-        if name in seen_functions or name not in functions:
-            continue
-        seen_functions.add(name)
-        for node in functions[name].node_def:
-            ops.add(node.op)
-            calls.extend(_called(node))
-    return ops

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from worker.plugins.base import Optimizer, OptimizeRequest
-from worker.plugins.int8_dynamic import check_params
 
 
 class TfliteDynamicRange(Optimizer):
@@ -19,9 +18,8 @@ class TfliteDynamicRange(Optimizer):
     tools = ("tensorflow-cpu", "ai-edge-litert")
 
     def optimize(self, request: OptimizeRequest) -> Path:
-        from worker.tf_export import import_tensorflow, requantize
+        from worker.support.tf_export import import_tensorflow, requantize
 
-        check_params(self.name, dict(request.params), {})
         tf = import_tensorflow()
 
         def configure(converter) -> None:

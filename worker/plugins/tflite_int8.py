@@ -15,25 +15,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.errors import UserInputError
-from worker.plugins.base import Optimizer, OptimizeRequest
-from worker.plugins.int8_dynamic import check_params
-
-DEFAULT_CALIBRATION_SAMPLES = 200
+from worker.plugins.base import Optimizer, OptimizeRequest, Param
 
 
 class TfliteInt8(Optimizer):
     name = "int8"
     applies_to = ("tflite",)
     tools = ("tensorflow-cpu", "ai-edge-litert")
+    params = {"calibration_samples": Param(int, 200, "the most samples the calibration runs on", min=1)}
 
     def optimize(self, request: OptimizeRequest) -> Path:
-        from worker.tf_export import import_tensorflow, representative_batches, requantize
+        from worker.support.tf_export import import_tensorflow, representative_batches, requantize
 
-        params = check_params(self.name, dict(request.params), {"calibration_samples": int})
-        limit = params.get("calibration_samples", DEFAULT_CALIBRATION_SAMPLES)
-        if limit < 1:
-            raise UserInputError(f"optimize variant {self.name}: calibration_samples must be at least 1")
+        limit = request.params["calibration_samples"]
         tf = import_tensorflow()
 
         def configure(converter) -> None:

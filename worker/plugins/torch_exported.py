@@ -3,226 +3,195 @@
 ``torch.export.load`` is not safe on an untrusted file in torch 2.13, although the format is
 mostly JSON (read in ``torch/export/pt2_archive/_package.py`` and ``torch/_export/serde/``):
 
-- the sample inputs (``data/sample_inputs/<model>.pt``) are read with
-  ``torch.load(weights_only=True)`` and, when that fails, *again with weights_only=False*: a
-  pickle payload there runs (reproduced: a GLOBAL ``builtins.open`` creates its file);
+- the sample inputs (``data/sample_inputs/<model>.pt``) go through ``deserialize_torch_artifact``,
+  which tries ``torch.load(weights_only=True)`` and, when that fails, *again with
+  weights_only=False*: a pickle payload there runs (reproduced: a GLOBAL ``builtins.open``);
 - weights and constants marked ``use_pickle`` go through ``torch.load`` with ``weights_only`` off,
   ``opaque_obj_*`` constants through ``pickle.loads``, ``custom_obj_*`` through TorchScript's
   unpickler; legacy-format files keep a pickled state dict;
 - ``data/aotinductor/`` holds compiled shared libraries, which ``load_pt2`` loads;
 - a node's target is resolved by ``getattr`` from the ``torch`` module (``torch.os.system``
   resolves) and any callable is accepted and called when the program runs;
-- symbolic shape expressions are parsed with ``sympy.sympify``, which evaluates its string
-  with Python builtins in scope (reproduced: ``open(chr(..)+.., chr(119))`` creates a file at
-  load time); ``ep.module()`` compiles the ``guards_code`` strings with ``exec`` into a
-  function that runs on every call (reproduced likewise).
+- symbolic shape expressions are parsed with ``sympy.sympify``, which evaluates its string with
+  Python builtins in scope; ``ep.module()`` compiles the ``guards_code`` strings with ``exec``;
+- torch reads the zip with its own reader, which may return another copy of a duplicated member
+  than a check reading with ``zipfile`` (reproduced: the check read a clean copy, torch the payload).
 
-So the archive is checked first, with nothing loaded: only the members a plain exported program
-has; no pickled payloads, no AOTInductor code, no legacy files; sample inputs that load with
-``weights_only=True``; only tensor user inputs; every node target a torch ATen/prims operator (or
-one of the symbolic-shape helpers); every shape expression and guard within a small grammar.
-Only then does ``torch.export.load`` run.
+So the archive is read once, by ``worker.support.zip_check`` (one copy of each name, nothing hidden),
+and checked with nothing loaded (``worker.support.pt2_check``): only the members a plain exported
+program has; no pickled weights or constants, no AOTInductor code, no legacy files; only tensor
+user inputs; every node target a torch ATen/prims operator (or a symbolic-shape helper); every
+shape expression and guard within the grammar of ``worker.support.sym_expr``.
+``torch.export.load`` is then given a fresh archive written from the checked members, with the
+sample inputs emptied: it has no pickle to unpickle at all (and without sample inputs
+``ep.module()`` compiles no guard code), and ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` is set around the
+load so that no ``torch.load`` in it can fall back to ``weights_only=False``.
 
 Inputs are the program's own (dim 0 symbolic: ``batch``) unless the job gives ``model.inputs``.
+A graph that never reads an input size is traced to ONNX like the other PyTorch formats
+(``worker.support.torch_onnx``); one that computes with sizes (a GRU's initial state, an attention
+reshape) goes through torch.onnx's dynamo exporter, which keeps those sizes symbolic.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import re
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
-from shared.errors import UserInputError
+from shared.errors import UserInputError, one_line
 from worker.plugins.base import Converter, ConvertRequest, ConvertResult, TensorInfo
+from worker.support.pt2_check import check_program
+from worker.support.zip_check import open_checked_zip
 
-_TOP_FILES = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
-_SYM_HELPERS = {
-    "_operator": {"getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "pow", "eq", "ne", "le", "ge",
-                  "lt", "gt", "neg", "pos", "and_", "or_", "not_"},
-    "math": {"trunc", "ceil", "floor", "sqrt"},
-    "torch": {"sym_not", "sym_int", "sym_float", "sym_ite", "sym_max", "sym_min", "sym_sqrt", "_sym_sqrt",
-              "sym_sum"},
-    "torch.ops.higher_order": {"cond", "while_loop", "map_impl", "wrap_with_set_grad_enabled",
-                               "wrap_with_autocast"},
-}
-_OPERATOR = re.compile(r"^torch\.ops\.(aten|prims)\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)$")
-_REFUSED_OPS = {"from_file"}  # reads a file on the worker
-_SYMBOL = re.compile(r"Symbol\('([a-z]{1,4}\d+)'(?:, *[a-z_]+=(?:True|False))*\)")
-_SYM_WORDS = {
-    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv",
-    "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv", "TruncToFloat", "TruncToInt",
-    "RoundToInt", "RoundDecimal", "ToFloat", "Identity", "Max", "Min", "Abs", "Pow", "Eq", "Ne", "Lt", "Le", "Gt",
-    "Ge", "And", "Or", "Not", "True", "False", "oo", "int_oo", "Integer", "floor", "ceiling",
-    "IsNonOverlappingAndDenseIndicator",
-}
-_GUARD_SOURCE = re.compile(r"L(?:\['[A-Za-z_][A-Za-z0-9_]*'\]|\[\d+\])+(?:\.(?:size|stride)\(\)\[\d+\]|\.storage_offset\(\))?")
+DYNAMO_MIN_OPSET = 18  # the lowest opset torch.onnx's dynamo exporter writes
+_ENVIRONMENT_LOCK = threading.Lock()
 
 
 class TorchExported(Converter):
     name = "torch-exported"
     targets = ("onnx",)
-    tools = ("torch", "onnx", "onnxruntime")
+    tools = ("torch", "onnx", "onnxruntime", "onnxscript")
 
     def convert(self, request: ConvertRequest) -> ConvertResult:
         import torch
 
-        from worker.torch_onnx import convert_module, input_specs, one_line, single_file
+        from worker.support.torch_onnx import convert_module, input_specs, single_file
 
         label = f"model.source {request.model.source}"
         source = single_file(Path(request.source), label, ".pt2 file", (".pt2",))
-        check_program(source, label, max_bytes=request.settings.max_archive_bytes)
-        try:
-            program = torch.export.load(str(source))
-            module = program.module()
-        except UserInputError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - deserialization raises many unrelated types
-            raise UserInputError(f"{label}: torch.export.load cannot load the program: {one_line(exc)}") from None
+        with tempfile.TemporaryDirectory(prefix="modelyard-pt2-") as scratch:
+            with open_checked_zip(source, label, max_bytes=request.settings.max_archive_bytes) as archive:
+                emptied = check_program(archive, label)
+                clean = archive.rewrite(Path(scratch) / "model.pt2", replace=emptied)
+            try:
+                with weights_only_loads():
+                    program = torch.export.load(str(clean))
+                module = program.module()
+            except UserInputError:
+                raise
+            except Exception as exc:
+                raise UserInputError(f"{label}: torch.export.load cannot load the program: {one_line(exc)}") from None
         for sub in module.modules():
             sub.training = False  # .eval() is refused by exported modules; the graph already fixed the mode
         declared = _declared_inputs(program)
         inputs = _match_inputs(input_specs(request, declared=declared), declared, label)
+        if _reads_input_sizes(program):
+            return _convert_symbolic(program, module, inputs, request, label)
+        _drop_input_constraint_hook(module)
         return convert_module(module, inputs, request, label, preserve_training=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# The archive check: nothing is unpickled or evaluated here.
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` in the block runs with weights_only=True, whatever its caller asks for.
 
-def check_program(path: Path, label: str, *, max_bytes: int) -> None:
-    """Refuse a .pt2 archive that torch.export.load could not read without running its contents."""
-    from worker.pickle_scan import archive_root, open_zip
-
-    with open_zip(path, label, max_bytes=max_bytes) as archive:
-        root = archive_root(archive, label)
-        members = [name[len(root):] for name in archive.namelist()]
-        models = [m[len("models/"):-len(".json")] for m in members if m.startswith("models/") and m.endswith(".json")]
-        if not models:
-            raise UserInputError(f"{label}: not a torch.export program (no models/*.json); "
-                                 "save it with torch.export.save(program, 'model.pt2')")
-        allowed = set(_TOP_FILES)
-        for model in models:
-            allowed |= {f"models/{model}.json", f"data/sample_inputs/{model}.pt",
-                        f"data/weights/{model}_weights_config.json", f"data/constants/{model}_constants_config.json"}
-        for member in members:
-            if member in allowed or member.startswith("extra/") or member.endswith("/"):
-                continue
-            if re.fullmatch(r"data/weights/weight_\d+|data/constants/tensor_\d+", member):
-                continue
-            what = "compiled AOTInductor code" if member.startswith("data/aotinductor/") else "an unexpected member"
-            raise UserInputError(f"{label}: the archive holds {member} ({what}); only plain exported programs "
-                                 "(weights, constants, graph) are accepted")
-        for model in models:
-            try:
-                for config in (f"data/weights/{model}_weights_config.json",
-                               f"data/constants/{model}_constants_config.json"):
-                    _check_payload_config(_read_json(archive, root + config, label), config, label)
-                sample = root + f"data/sample_inputs/{model}.pt"
-                if sample in archive.namelist():
-                    _check_sample_inputs(archive.read(sample), label)
-                _check_graph(_read_json(archive, root + f"models/{model}.json", label), label)
-            except (AttributeError, TypeError, KeyError, StopIteration) as exc:
-                raise UserInputError(f"{label}: the program's {model} files are malformed ({type(exc).__name__}: "
-                                     f"{str(exc)[:100]})") from None
+    torch reads ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` on each call (``torch/serialization.py``), so this
+    also closes the ``weights_only=False`` fallback of ``deserialize_torch_artifact``. The
+    environment is process-wide: the lock keeps two loads from restoring it under each other.
+    """
+    with _ENVIRONMENT_LOCK:
+        previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+            else:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
-def _read_json(archive, member: str, label: str):
-    try:
-        return json.loads(archive.read(member))
-    except KeyError:
-        raise UserInputError(f"{label}: the archive lacks {member.split('/', 1)[1]}") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserInputError(f"{label}: {member.split('/', 1)[1]} is not valid JSON ({exc})") from None
-
-
-def _check_payload_config(config, name: str, label: str) -> None:
-    entries = config.get("config") if isinstance(config, dict) else None
-    if not isinstance(entries, dict):
-        raise UserInputError(f"{label}: {name} is malformed")
-    for fqn, meta in entries.items():
-        path_name = str(meta.get("path_name", "")) if isinstance(meta, dict) else ""
-        if not isinstance(meta, dict) or meta.get("use_pickle") is not False or not re.fullmatch(
-            r"(weight|tensor)_\d+", path_name
-        ):
-            raise UserInputError(
-                f"{label}: {name} stores {fqn!r} as a pickled object ({path_name or 'no path'}); pickles can run "
-                "code when loaded, so the program is refused. Export plain tensors only"
-            )
-
-
-def _check_sample_inputs(data: bytes, label: str) -> None:
+def _reads_input_sizes(program) -> bool:
+    """Whether the graph computes with input sizes (``aten.sym_size``): the tracer would freeze them."""
     import torch
 
+    return bool(program.graph.find_nodes(op="call_function", target=torch.ops.aten.sym_size.int))
+
+
+def _drop_input_constraint_hook(module) -> None:
+    """Remove the unlifted module's input-constraint pre-hook, which fails under the JIT tracer.
+
+    Without sample inputs (the loader gets them emptied) ``ep.module()`` checks each call's inputs
+    against the program's symbolic shapes in a forward pre-hook; traced, that raises "JIT Tracing
+    of SymInts isn't supported". The inputs were matched against the program already
+    (``_match_inputs``), and tracing a graph that never reads input sizes is exact.
+    """
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+            del module._forward_pre_hooks[key]
+
+
+def _convert_symbolic(program, module, inputs: list[TensorInfo], request: ConvertRequest,
+                      label: str) -> ConvertResult:
+    """torch.onnx's dynamo exporter on the program itself: its symbolic sizes stay symbolic.
+
+    The JIT tracer (``torch_onnx.export_onnx``) records the sizes a graph reads as constants: a GRU's
+    initial state or an attention reshape would then fix the batch. The dynamo exporter writes
+    opset 18 or later; symbolic dims are renamed from torch's symbols (``s77``) to the input's
+    dim names (``batch``).
+    """
+    import numpy as np
+    import onnx
+    import torch
+
+    from shared.inference.runtime import save_onnx
+    from worker.support.samples import samples_for
+    from worker.support.torch_onnx import run_module
+
+    samples, origin = samples_for(request, inputs)
+    output_names, reference = run_module(module, samples, inputs, label)
+    args = tuple(torch.from_numpy(np.ascontiguousarray(samples[t.name])) for t in inputs)
+    opset = max(request.convert.opset, DYNAMO_MIN_OPSET)
+    staging = Path(request.workdir) / ".export"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     try:
-        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - UnpicklingError for a refused global
-        from worker.pickle_scan import weights_only_reason
-
-        raise UserInputError(
-            f"{label}: the sample inputs inside the archive are not plain tensors ({weights_only_reason(exc)}); "
-            "torch.export.load would unpickle them with weights_only=False, so the program is refused as unsafe"
-        ) from None
-
-
-def _check_graph(model: dict, label: str) -> None:
-    graph_module = model.get("graph_module") if isinstance(model, dict) else None
-    if not isinstance(graph_module, dict):
-        raise UserInputError(f"{label}: models/*.json has no graph_module")
-    for spec in graph_module.get("signature", {}).get("input_specs", []):
-        kind, value = next(iter(spec.items())) if isinstance(spec, dict) and spec else (None, None)
-        if kind not in ("parameter", "buffer", "tensor_constant", "user_input"):
-            raise UserInputError(f"{label}: the program takes a {kind} input; only tensors are supported")
-        if kind == "user_input" and "as_tensor" not in value.get("arg", {}):
-            raise UserInputError(f"{label}: the program takes a non-tensor input "
-                                 f"({next(iter(value.get('arg', {})), '?')}); only tensors are supported")
-    if graph_module.get("graph", {}).get("custom_obj_values"):
-        raise UserInputError(f"{label}: the program holds custom script objects; refused")
-    for guard in model.get("guards_code") or []:
-        if not _safe_guard(str(guard)):
-            raise UserInputError(f"{label}: the program's guard {str(guard)[:80]!r} is not a shape check; refused")
-    for key, value in _walk(model):
-        if key == "target" and isinstance(value, str) and not _safe_target(value):
-            raise UserInputError(
-                f"{label}: the graph calls {value[:100]!r}, which is not a torch operator; refused as unsafe"
-            )
-        if key == "expr_str" and isinstance(value, str) and not _safe_expression(value):
-            raise UserInputError(f"{label}: the shape expression {value[:80]!r} is not a plain expression; refused")
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                exported = torch.onnx.export(program, args, input_names=[t.name for t in inputs],
+                                             output_names=output_names, opset_version=opset, dynamo=True,
+                                             verbose=False)
+                exported.save(str(staging / "model.onnx"), external_data=True)
+        except Exception as exc:
+            raise UserInputError(f"{label}: the program could not be exported to ONNX (opset {opset}): "
+                                 f"{one_line(exc)}") from None
+        proto = onnx.load(str(staging / "model.onnx"), load_external_data=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    outputs = _rename_symbolic_dims(proto, inputs, reference)
+    save_onnx(proto, Path(request.workdir) / "model.onnx")
+    return ConvertResult(model_file="model.onnx", samples=samples, reference=reference, inputs=inputs,
+                         outputs=outputs, extra={"torch": torch.__version__, "samples": origin, "opset": opset,
+                                                 "exporter": "torch.onnx dynamo"})
 
 
-def _walk(value, key: str | None = None):
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield k, v
-            yield from _walk(v, k)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _walk(item, key)
+def _rename_symbolic_dims(proto, inputs: list[TensorInfo], reference) -> list[TensorInfo]:
+    """Give the graph's symbolic dims the inputs' names; the outputs as TensorInfo."""
+    names: dict[str, str] = {}
+    by_name = {t.name: t for t in inputs}
+    for value in proto.graph.input:
+        info = by_name.get(value.name)
+        for dim, want in zip(value.type.tensor_type.shape.dim, info.shape if info else []):
+            if dim.HasField("dim_param") and isinstance(want, str):
+                names.setdefault(dim.dim_param, want)
+    for value in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in names:
+                dim.dim_param = names[dim.dim_param]
+    return [
+        TensorInfo(value.name, reference[value.name].dtype.name,
+                   [d.dim_param if d.HasField("dim_param") else int(d.dim_value)
+                    for d in value.type.tensor_type.shape.dim])
+        for value in proto.graph.output
+    ]
 
-
-def _safe_target(target: str) -> bool:
-    match = _OPERATOR.match(target)
-    if match:
-        return match.group(2) not in _REFUSED_OPS
-    module, _, name = target.rpartition(".")
-    return name in _SYM_HELPERS.get(module, ())
-
-
-def _safe_expression(text: str) -> bool:
-    """Symbols, integers, arithmetic and torch's sympy helper functions; nothing else."""
-    text = _SYMBOL.sub(r"\1", text)
-    if not re.fullmatch(r"[A-Za-z0-9_ +\-*/%(),<>=!.&|~]*", text) or re.search(r"\.\s*[A-Za-z_]", text):
-        return False
-    return all(re.fullmatch(r"[a-z]{1,4}\d+", word) or word in _SYM_WORDS
-               for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
-
-
-def _safe_guard(text: str) -> bool:
-    """A comparison of input sizes/strides with integers, as torch.export writes them."""
-    text = _GUARD_SOURCE.sub("v", text)
-    return bool(re.fullmatch(r"[v0-9 ()<>=!+\-*/%]*", text)) and "v" in text
-
-
-# ---------------------------------------------------------------------------------------------
 
 def _declared_inputs(program) -> list[TensorInfo]:
     """The program's user inputs: static dims as ints, symbolic ones named (dim 0: batch)."""

@@ -9,135 +9,34 @@ its code, so the factory must match a pattern in the ``MODELYARD_ALLOWED_FACTORI
 Weights: ``.safetensors`` (a format with no code in it), or a ``torch.save`` file
 (``.pt`` / ``.pth`` / ``.bin``) read only with ``torch.load(weights_only=True)``, whose
 restricted unpickler refuses any global outside torch's tensor types. A checkpoint holding the
-weights under ``state_dict`` or ``model`` is unwrapped.
+weights under ``state_dict`` or ``model`` is unwrapped. The checks and the loading live in
+``worker.support.torch_weights``, which the compress stage (channel pruning) shares.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import importlib
 from pathlib import Path
 
-from shared.errors import UserInputError
 from worker.plugins.base import Converter, ConvertRequest, ConvertResult
-
-SAFETENSORS = (".safetensors",)
-TORCH_SAVE = (".pt", ".pth", ".bin")
-SETTING = "MODELYARD_ALLOWED_FACTORIES"
+from worker.support.torch_weights import build_module, check_factory, load_state, load_weights, weights_file
 
 
 class TorchStateDict(Converter):
     name = "torch-state-dict"
     targets = ("onnx",)
     tools = ("torch", "safetensors", "onnx", "onnxruntime")
+    prune_methods = ("channels",)
 
     def convert(self, request: ConvertRequest) -> ConvertResult:
-
-        from worker.torch_onnx import convert_module, input_specs
+        from worker.support.torch_onnx import convert_module, input_specs
 
         label = f"model.source {request.model.source}"
         factory = check_factory(request.model.factory, request.settings.allowed_factories)
-        weights_file = _weights_file(Path(request.source), label)
+        weights = weights_file(Path(request.source), label)
         inputs = input_specs(request)
-        state = load_weights(weights_file, label)
-        module = _build(factory, label)
-        _load_state(module, state, label, factory)
+        state = load_weights(weights, label)
+        module = build_module(factory, label)
+        load_state(module, state, label, factory)
         module.eval()
         return convert_module(module, inputs, request, label, {
-            "factory": factory, "architecture": type(module).__name__, "weights": weights_file.suffix.lower()})
-
-
-def check_factory(factory: str | None, allowed: list[str]) -> str:
-    """The factory, when it matches an allowed pattern; UserInputError naming the setting otherwise."""
-    if not factory:
-        raise UserInputError(
-            "model.factory is required for format torch-state-dict: the importable callable that builds the "
-            "architecture, e.g. factory: torchvision.models:resnet18"
-        )
-    if not any(fnmatch.fnmatchcase(factory, pattern) for pattern in allowed):
-        raise UserInputError(
-            f"model.factory {factory!r} is not allowed on this worker: factories must match one of "
-            f"{', '.join(allowed) or '(none)'} (setting {SETTING}); importing a module runs its code, "
-            "so an operator has to allow it"
-        )
-    return factory
-
-
-def _weights_file(source: Path, label: str) -> Path:
-    if source.is_dir():
-        found = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in SAFETENSORS + TORCH_SAVE)
-        if len(found) != 1:
-            raise UserInputError(
-                f"{label}: a folder source must hold exactly one weights file (.safetensors, .pt, .pth, .bin); "
-                f"found: {', '.join(p.name for p in found) or 'none'}"
-            )
-        return found[0]
-    if not source.is_file():
-        raise UserInputError(f"{label}: not found")
-    if source.suffix.lower() not in SAFETENSORS + TORCH_SAVE:
-        raise UserInputError(f"{label}: weights must be .safetensors, .pt, .pth or .bin, got {source.name}")
-    return source
-
-
-def load_weights(path: Path, label: str) -> dict:
-    """A flat {name: tensor} state dict, read without unpickling arbitrary objects."""
-    import torch
-
-    if path.suffix.lower() in SAFETENSORS:
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
-            raise UserInputError(f"{label}: not a readable safetensors file: {_short(exc)}") from None
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - UnpicklingError for a refused global, RuntimeError for garbage
-        from worker.pickle_scan import weights_only_reason
-
-        raise UserInputError(
-            f"{label}: torch.load(weights_only=True) refuses the file ({weights_only_reason(exc)}). It holds more than plain "
-            "tensors (pickled objects can run code when loaded); save model.state_dict() with safetensors"
-        ) from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserInputError(f"{label}: expected a state dict of tensors, got {type(state).__name__}")
-    return dict(state)
-
-
-def _build(factory: str, label: str):
-    import torch
-
-    module_name, _, attr = factory.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserInputError(f"model.factory {factory!r}: cannot import {module_name} on this worker: {exc}") from None
-    builder = getattr(module, attr, None)
-    if not callable(builder):
-        raise UserInputError(f"model.factory {factory!r}: {module_name} has no callable {attr}")
-    try:
-        model = builder()
-    except Exception as exc:  # noqa: BLE001
-        raise UserInputError(f"model.factory {factory!r} failed when called with no arguments: {_short(exc)}") from None
-    if not isinstance(model, torch.nn.Module):
-        raise UserInputError(f"model.factory {factory!r} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def _load_state(module, state: dict, label: str, factory: str) -> None:
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise UserInputError(
-            f"{label}: the weights do not fit the architecture from {factory}: {_short(exc)}"
-        ) from None
-
-
-def _short(exc: object) -> str:
-    from worker.torch_onnx import one_line
-
-    return one_line(exc)
+            "factory": factory, "architecture": type(module).__name__, "weights": weights.suffix.lower()})

@@ -12,11 +12,10 @@ whose ONNX Runtime has no TensorRT execution provider.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 from worker.plugins.base import Optimizer, OptimizeRequest
-from worker.plugins.int8_dynamic import check_params, stage_copy
+from worker.support.tensorrt import build_engine
 
 
 class TrtFp16(Optimizer):
@@ -27,26 +26,5 @@ class TrtFp16(Optimizer):
     tools = ("onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 
     def optimize(self, request: OptimizeRequest) -> Path:
-        check_params(self.name, dict(request.params), {})
         return build_engine(request, self.tensorrt)
 
-
-def build_engine(request: OptimizeRequest, precision: str, prepare=None) -> Path:
-    """Copy the model into the workdir and build its TensorRT engine into workdir/trt_cache."""
-    import onnxruntime
-
-    from worker.gpu import ENGINE_CACHE, choose_providers
-    from worker.runtime import load_session
-
-    available = onnxruntime.get_available_providers()
-    engine_cache = Path(request.workdir).absolute() / ENGINE_CACHE
-    providers = choose_providers("gpu", available, tensorrt=precision, engine_cache=engine_cache,
-                                 worker=socket.gethostname())  # refuses first when TensorRT is absent
-    model = stage_copy(Path(request.model).absolute(), Path(request.workdir).absolute())
-    engine_cache.mkdir(exist_ok=True)
-    if prepare is not None:
-        prepare(model, engine_cache)
-        providers = choose_providers("gpu", available, tensorrt=precision, engine_cache=engine_cache)
-    session = load_session(model, threads=1, providers=providers)
-    session.run(request.samples)  # builds the engine and writes it to the cache
-    return model

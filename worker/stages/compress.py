@@ -13,10 +13,18 @@ Training checkpoints after every epoch to ``checkpoints/<step key>.json`` in the
 died mid-training — resumes after the last checkpointed epoch instead of starting over. While it
 trains, the job record's ``compress`` stage carries ``progress`` (epoch, step, loss), which
 ``modelyard status`` shows. Runs on CUDA when the job says ``device: gpu`` and the worker has one.
+
+Not in the model-load sandbox (``worker.sandbox``), unlike convert: the loaded teacher is trained
+against in this process, which writes checkpoints to the store, progress to Redis and may use the
+GPU, so a sandbox would have to hold the whole stage. Its loads run no code by construction: a
+Hugging Face folder loads with ``use_safetensors=True`` and ``trust_remote_code=False`` (pickle
+weights are refused), a state dict as safetensors or ``torch.load(weights_only=True)``, the
+factory only from ``MODELYARD_ALLOWED_FACTORIES``; the student it writes is converted sandboxed.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
@@ -26,12 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from shared.arrays import load_arrays, text_lines
 from shared.errors import UserInputError
-from shared.manifest import Manifest, step_key
+from shared.manifest import SIGNATURE, Manifest, sign, step_key
 from shared.storage import ArtifactStore, FileRef, digest_of_files
 from worker.context import StageContext
-from worker.stages.arrays import load_arrays, text_lines
-from worker.steps import StepOutput, run_step, tool_versions
+from worker.stages.steps import StepOutput, run_step, tool_versions
 
 log = logging.getLogger("modelyard.compress")
 STAGE = "compress"
@@ -72,7 +80,8 @@ def run_compress(ctx: StageContext) -> tuple[Manifest, bool]:
             data_path = ctx.store.get_file(ref, tmp / "data" / ref.path)
         out = tmp / "out"
         out.mkdir()
-        training = Training(device=_device(ctx), checkpoints=Checkpoints(ctx.store, key, tmp / "checkpoint"),
+        training = Training(device=_device(ctx), checkpoints=Checkpoints(ctx.store, key, tmp / "checkpoint",
+                                                                           ctx.settings.signing_key),
                             progress=Progress(ctx))
         if ctx.spec.model.format == "hf-transformers":
             metrics, info = compress_transformer(ctx.spec, teacher_path, data_path, out, training)
@@ -142,7 +151,8 @@ def compress_transformer(spec, teacher_dir: Path, data_path: Path | None, out: P
     import copy
 
     from worker.compress import transformer
-    from worker.plugins.hf_transformers import line_rows, pooling_of
+    from worker.support.sentence_pooling import pooling_of
+    from worker.support.transformers_samples import line_rows
 
     training = training or Training()
     label = f"model.source {spec.model.source}"
@@ -179,7 +189,10 @@ def _compress_cnn(ctx, teacher_path: Path, data_path: Path | None, out: Path, tr
     from safetensors.torch import save_file
 
     from worker.compress import cnn
-    from worker.plugins.torch_state_dict import _build, _load_state, _weights_file, check_factory, load_weights
+    from worker.support.torch_weights import build_module as _build
+    from worker.support.torch_weights import check_factory, load_weights
+    from worker.support.torch_weights import load_state as _load_state
+    from worker.support.torch_weights import weights_file as _weights_file
 
     spec = ctx.spec
     label = f"model.source {spec.model.source}"
@@ -232,10 +245,15 @@ def _zeros_from_inputs(spec) -> dict[str, np.ndarray]:
 
 
 class Checkpoints:
-    """Per-epoch training checkpoints of one step, in the artifact store."""
+    """Per-epoch training checkpoints of one step, in the artifact store.
 
-    def __init__(self, store: ArtifactStore, key: str, scratch: Path) -> None:
-        self.store, self.key, self.scratch = store, key, scratch
+    Like a step manifest, a checkpoint record carries an HMAC with the workers' key
+    (``MODELYARD_STEP_SIGNING_KEY``) when one is set: a record anyone else wrote into the store
+    is ignored and training starts over, so a planted checkpoint cannot steer the student.
+    """
+
+    def __init__(self, store: ArtifactStore, key: str, scratch: Path, signing_key: bytes | None = None) -> None:
+        self.store, self.key, self.scratch, self.signing_key = store, key, scratch, signing_key
 
     def save(self, checkpoint) -> None:
         import torch
@@ -246,8 +264,11 @@ class Checkpoints:
         save_file({k: v.contiguous() for k, v in checkpoint.student.items()}, str(folder / "student.safetensors"))
         torch.save(checkpoint.optimizer, folder / "optimizer.pt")
         files = [self.store.put_file(folder / "student.safetensors"), self.store.put_file(folder / "optimizer.pt")]
-        self.store.write_json(checkpoint_key(self.key), {"epoch": checkpoint.epoch, "history": checkpoint.history,
-                                                         "files": [f.to_dict() for f in files], "time": time.time()})
+        record = {"step_key": self.key, "epoch": checkpoint.epoch, "history": checkpoint.history,
+                  "files": [f.to_dict() for f in files], "time": time.time()}
+        if self.signing_key is not None:
+            record[SIGNATURE] = sign(record, self.signing_key)
+        self.store.write_json(checkpoint_key(self.key), record)
         log.info("checkpoint %s: epoch %d", self.key[:12], checkpoint.epoch)
 
     def load(self):
@@ -259,12 +280,25 @@ class Checkpoints:
         record = self.store.read_json_or_none(checkpoint_key(self.key))
         if record is None:
             return None
+        if not self._trusted(record):
+            log.warning("checkpoint %s was not written by a worker of this fleet (no valid signature, or another "
+                        "step's): ignored, training starts over", self.key[:12])
+            return None
         folder = self.scratch / "resume"
         self.store.get_files([FileRef.from_dict(f) for f in record["files"]], folder)
         # weights_only: the restricted unpickler that loads tensors and plain containers, nothing else
         optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
         return Checkpoint(epoch=record["epoch"], student=load_file(str(folder / "student.safetensors")),
                           optimizer=optimizer, history=record["history"])
+
+
+    def _trusted(self, record: dict) -> bool:
+        if record.get("step_key") != self.key:
+            return False
+        if self.signing_key is None:
+            return True
+        signature = record.get(SIGNATURE)
+        return isinstance(signature, str) and hmac.compare_digest(signature, sign(record, self.signing_key))
 
 
 class Progress:

@@ -3,6 +3,8 @@
 The reference outputs come from the *source* framework; every later stage is compared with
 them. The conversion itself is checked here: the converted model runs on the samples and must
 match the reference within the job's tolerance, or the job fails naming the output and values.
+The converter, which opens the user's file, runs in the model-load sandbox (``worker.sandbox``);
+the check runs here, on the files the sandbox left, after ``worker.sandbox.output`` vetted them.
 
 After a compress stage the model converted is the *student* (the compress output) and the
 reference is still the *teacher's* (the source model's) outputs: the converter runs on the
@@ -15,29 +17,33 @@ measures every variant against the teacher's reference.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+from shared.arrays import load_arrays, save_arrays, text_lines
 from shared.errors import UserInputError
-from shared.jobspec import TEXT_SAMPLES
-from shared.manifest import Manifest, load_manifest
+from shared.manifest import Manifest
 from shared.storage import FileRef, digest_of_files
 from worker.context import StageContext
 from worker.plugins import registry
-from worker.plugins.base import ConvertRequest
-from worker.stages.arrays import load_arrays, save_arrays, text_lines
-from worker.steps import StepOutput, run_step, tool_versions
+from worker.plugins.base import TEXT_SAMPLES, ConvertRequest
+from worker.sandbox import convert_model
+from worker.stages.holdout import GATE_ROWS, append_gate_arrays, with_gate_part
+from worker.stages.steps import StepOutput, run_step, tool_versions
 
 SAMPLES, REFERENCE = "samples.npz", "reference.npz"
 
 
 def convert_params(ctx: StageContext) -> dict:
     spec = ctx.spec
-    model = spec.model.model_dump(exclude={"name", "source", "samples", "eval_data"}, mode="json")
+    model = spec.model.model_dump(exclude={"name", "source", "samples", "eval_data", "gate_samples"}, mode="json")
     samples = ctx.record.get("samples")
+    gate = ctx.record.get("gate_samples")
     return {
         "model": model,
         "convert": spec.convert.model_dump(mode="json"),
         "samples_digest": samples["digest"] if samples else None,
+        **({"gate_samples_digest": gate["digest"]} if gate else {}),
     }
 
 
@@ -57,11 +63,14 @@ def run_convert(ctx: StageContext, compress_key: str | None = None) -> tuple[Man
             source=source, model=spec.model, convert=spec.convert, workdir=out, settings=ctx.settings,
             **samples,
         )
-        result = converter_cls().convert(request)
+        result, sandbox = convert_model(converter_cls, request)
+        result, gate_rows = with_gate_part(ctx, tmp, result, lambda lines: convert_model(converter_cls, replace(
+            request, workdir=_empty(tmp / "gate-out"), samples=None, sample_text=lines))[0])
         save_arrays(out / SAMPLES, result.samples)
         save_arrays(out / REFERENCE, result.reference)
         fidelity = check_conversion(out / result.model_file, result.samples, result.reference, ctx)
-        return StepOutput(folder=out, metrics={"fidelity": fidelity}, info=_model_info(ctx, result))
+        info = {**_model_info(ctx, result, sandbox), **({GATE_ROWS: gate_rows} if gate_rows else {})}
+        return StepOutput(folder=out, metrics={"fidelity": fidelity}, info=info)
 
     return run_step(
         ctx,
@@ -85,13 +94,11 @@ def _converter(ctx: StageContext):
 
 
 def _run_convert_student(ctx: StageContext, compress_key: str) -> tuple[Manifest, bool]:
-    from contextlib import nullcontext
-
-    from worker.fidelity import compare
+    from shared.inference.fidelity import compare
 
     spec = ctx.spec
     converter_cls = _converter(ctx)
-    student = load_manifest(ctx.store, compress_key)
+    student = ctx.load_manifest(compress_key)
     if student is None:
         raise UserInputError(f"compress step {compress_key[:12]} has no manifest in {ctx.store.uri}")
     teacher_files = ctx.source_files
@@ -101,11 +108,14 @@ def _run_convert_student(ctx: StageContext, compress_key: str) -> tuple[Manifest
         student_source = ctx.store.get_files(student.files, tmp / "student")
         user_samples = _user_samples(ctx, tmp)
         (tmp / "teacher-out").mkdir()
-        teacher = converter_cls().convert(ConvertRequest(
+        teacher_request = ConvertRequest(
             source=teacher_source, model=spec.model, convert=spec.convert, workdir=tmp / "teacher-out",
             settings=ctx.settings, **user_samples,
-        ))
-        model, settings, binding = spec.model, ctx.settings, nullcontext()
+        )
+        teacher, _ = convert_model(converter_cls, teacher_request)
+        teacher, gate_rows = with_gate_part(ctx, tmp, teacher, lambda lines: convert_model(converter_cls, replace(
+            teacher_request, workdir=_empty(tmp / "gate-out"), samples=None, sample_text=lines))[0])
+        model, settings, architecture = spec.model, ctx.settings, None
         if student.info.get("factory"):  # a pruned CNN: rebuilt by modelyard's factory from architecture.json
             from worker.compress import cnn
 
@@ -113,14 +123,12 @@ def _run_convert_student(ctx: StageContext, compress_key: str) -> tuple[Manifest
             model = spec.model.model_copy(update={"factory": cnn.FACTORY})
             settings = ctx.settings.model_copy(update={
                 "allowed_factories": [*ctx.settings.allowed_factories, cnn.FACTORY]})
-            binding = cnn.bound(architecture)
         out = tmp / "out"
         out.mkdir()
-        with binding:
-            result = converter_cls().convert(ConvertRequest(
-                source=student_source, model=model, convert=spec.convert, workdir=out, settings=settings,
-                samples=teacher.samples,
-            ))
+        result, sandbox = convert_model(converter_cls, ConvertRequest(
+            source=student_source, model=model, convert=spec.convert, workdir=out, settings=settings,
+            samples=teacher.samples,
+        ), architecture=architecture)
         save_arrays(out / SAMPLES, teacher.samples)
         save_arrays(out / REFERENCE, teacher.reference)
         fidelity = check_conversion(out / result.model_file, teacher.samples, result.reference, ctx)
@@ -128,10 +136,11 @@ def _run_convert_student(ctx: StageContext, compress_key: str) -> tuple[Manifest
             folder=out,
             metrics={"fidelity": fidelity, "teacher_fidelity": compare(teacher.reference, result.reference)},
             info={
-                **_model_info(ctx, result),
+                **_model_info(ctx, result, sandbox),
                 "samples": teacher.extra.get("samples", result.extra.get("samples")),
                 "reference": "teacher",
                 "compress_key": compress_key,
+                **({GATE_ROWS: gate_rows} if gate_rows else {}),
             },
         )
 
@@ -153,20 +162,31 @@ def _user_samples(ctx: StageContext, tmp: Path) -> dict:
     ref = FileRef.from_dict(ctx.record["samples"])
     if ref.path.lower().endswith(TEXT_SAMPLES):
         path = ctx.store.get_file(ref, tmp / "user-samples.txt")
-        return {"sample_text": text_lines(path, "model.samples")}
-    return {"samples": load_arrays(ctx.store.get_file(ref, tmp / "user-samples.npz"), what="model.samples")}
+        return {"sample_text": text_lines(path, "model.samples")}  # gate lines: converted after (with_gate_part)
+    samples = load_arrays(ctx.store.get_file(ref, tmp / "user-samples.npz"), what="model.samples")
+    return {"samples": append_gate_arrays(ctx, tmp, samples)}  # model.gate_samples' rows last
 
 
-def _model_info(ctx: StageContext, result) -> dict:
-    """What later stages need to know about the converted model."""
+def _empty(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _model_info(ctx: StageContext, result, sandbox: dict) -> dict:
+    """What later stages need to know about the converted model, and the sandbox it was loaded in.
+
+    The converter's ``extra`` (framework versions, the task it resolved) comes from the sandbox,
+    so it never overrides the keys that locate and describe the model.
+    """
     return {
+        **result.extra,
         "model_file": result.model_file,
         "format": ctx.spec.convert.to,
-        "task": ctx.spec.model.task,
+        "task": result.extra.get("task", ctx.spec.model.task),
         "inputs": [t.to_dict() for t in result.inputs],
         "outputs": [t.to_dict() for t in result.outputs],
         "source_digest": ctx.record["source"]["digest"],
-        **result.extra,
+        "sandbox": sandbox,
     }
 
 
@@ -178,8 +198,8 @@ def _download_source(ctx: StageContext, files: list[FileRef], dest: Path) -> Pat
 
 
 def check_conversion(model: Path, samples: dict, reference: dict, ctx: StageContext) -> dict:
-    from worker.fidelity import compare
-    from worker.runtime import load_session
+    from shared.inference.fidelity import compare
+    from shared.inference.runtime import load_session
 
     session = load_session(model, threads=ctx.settings.bench_threads)
     actual = session.run(samples)

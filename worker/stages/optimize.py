@@ -1,37 +1,56 @@
-"""The optimize stage: one task per variant (fan-out), then a selection over their results.
+"""The optimize stage: one task per variant (fan-out) that builds the variant and gates it; no timing.
 
-Every variant is measured the same way: fidelity against the *source* reference outputs
-stored by the convert stage, and latency on the samples with pinned threads, one benchmark
-at a time per host. ``fp32`` is the baseline variant: the converted model as is.
+Every variant is measured the same way: fidelity against the *source* reference outputs stored
+by the convert stage, on the gate part of the samples, which no optimizer saw
+(``worker.stages.holdout``); the optimizers get the calibration part, its reference outputs and
+the job's gate. Both figures are recorded (``fidelity`` is the gate part's, ``calibration_fidelity``
+the calibration part's), plus top-1 accuracy where the job gave eval data. ``fp32`` is the
+baseline variant: the converted model as is.
+
+Latency is not measured here: a variant timed in its own task, at its own moment, is compared
+with an fp32 timed at another, and the verdict follows the machine's load. The select stage
+(``worker.stages.select_measure``) times fp32 and every variant that passed, side by side.
 """
 
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
-from shared.errors import UserInputError
+from shared.arrays import load_arrays
+from shared.errors import UserInputError, one_line
+from shared.inference.generation import gate_reasons, is_generation_folder, read_genai_config, score_folder
 from shared.jobspec import BASELINE, Gate
-from shared.manifest import Manifest, load_manifest
+from shared.manifest import Manifest
 from shared.storage import FileRef, digest_of_files
 from worker.context import StageContext
 from worker.gpu import ENGINE_CACHE, Execution
 from worker.plugins import registry
 from worker.plugins.base import OptimizeRequest, TensorInfo
-from worker.stages.arrays import load_arrays
 from worker.stages.convert import REFERENCE, SAMPLES
-from worker.steps import StepOutput, run_step, tool_versions
+from worker.stages.holdout import GATE_ROWS, RULE_VERSION, Holdout, fixed_batch, split
+from worker.stages.steps import StepOutput, run_step, tool_versions
+from worker.support.genai_builder import generation_companions
 
-SLOWER = "rejected: slower than fp32"  # a verdict that passed the gate but loses to the baseline on latency
+# Compute-heavy operators that run in floating point unless their inputs come from a DequantizeLinear
+# (a QDQ graph runs those in int8): the second tie-break between variants of equal size.
+FLOAT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "FusedMatMul", "Attention", "MultiHeadAttention")
+
+
+def holdout_of(convert: Manifest, samples: dict, reference: dict) -> Holdout:
+    """The calibration and gate parts of a convert step's samples (see ``worker.stages.holdout``)."""
+    inputs = [TensorInfo.from_dict(t) for t in convert.info["inputs"]]
+    return split(samples, reference, gate_rows=convert.info.get(GATE_ROWS),
+                 fixed=fixed_batch(inputs, convert.info["model_file"]))
 
 
 def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Manifest, bool]:
-    convert = load_manifest(ctx.store, convert_key)
+    convert = ctx.load_manifest(convert_key)
     if convert is None:
         raise UserInputError(f"convert step {convert_key[:12]} has no manifest in {ctx.store.uri}")
     spec = ctx.spec.optimize.variant(variant)
+    gate = ctx.spec.optimize.gate.model_dump(mode="json")
     parts = [] if variant == BASELINE else spec.parts
     optimizers = [registry.optimizer(name) for name in parts]
     execution = Execution.plan(ctx.queue, optimizers, ctx.worker)  # refuses TensorRT variants without TensorRT
@@ -45,6 +64,7 @@ def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Mani
         ctx.store.get_files(convert.files, inputs)
         samples = load_arrays(inputs / SAMPLES, what="samples")
         reference = load_arrays(inputs / REFERENCE, what="reference outputs")
+        holdout = holdout_of(convert, samples, reference)
         model = inputs / convert.info["model_file"]
         for index, optimizer in enumerate(optimizers):
             suffix = model.suffix.lstrip(".")
@@ -56,7 +76,9 @@ def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Mani
                 OptimizeRequest(
                     model=model,
                     workdir=workdir,
-                    samples=samples,
+                    samples=holdout.calibration,
+                    reference=holdout.calibration_reference,
+                    gate=dict(gate),
                     task=convert.info.get("task"),
                     inputs=[TensorInfo.from_dict(t) for t in convert.info["inputs"]],
                     outputs=[TensorInfo.from_dict(t) for t in convert.info["outputs"]],
@@ -65,7 +87,7 @@ def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Mani
             )
         out = tmp / "out"
         out.mkdir()
-        for path in _model_files(model):
+        for path in model_files(model):
             shutil.copy2(path, out / path.name)
         if (model.parent / ENGINE_CACHE).is_dir():  # TensorRT engines: an artifact beside the model
             shutil.copytree(model.parent / ENGINE_CACHE, out / ENGINE_CACHE)
@@ -73,25 +95,26 @@ def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Mani
         eval_data = None
         if eval_ref:
             eval_data = load_arrays(ctx.store.get_file(eval_ref, tmp / "eval_data.npz"), what="model.eval_data")
-        metrics = measure(ctx, final, samples, reference, execution=execution, eval_data=eval_data)
+        metrics = measure_fidelity(ctx, final, holdout, execution=execution, eval_data=eval_data)
         if execution.torch_fallback:
             metrics.update(_torch_fallback(ctx, tmp, samples, reference, convert.info.get("task")))
         metrics["size_bytes"] = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+        metrics["float_ops"] = float_op_count(final)
         return StepOutput(folder=out, metrics=metrics, info={**convert.info, "model_file": final.name})
 
     return run_step(
         ctx,
         stage=f"optimize:{variant}",
         input_digest=digest_of_files(convert.files),
-        params={"of": spec.of, "params": spec.params, "pool": ctx.queue, "threads": ctx.settings.bench_threads,
-                "runs": ctx.settings.bench_runs, **execution.key_params(),
+        params={"of": spec.of, "params": spec.params, "pool": ctx.queue, "holdout": RULE_VERSION,
+                "gate": gate if optimizers else None, **execution.key_params(),
                 **({"eval_data_digest": eval_ref.digest} if eval_ref else {})},
         tools=tool_versions(tools),
         compute=compute,
     )
 
 
-def _model_files(model: Path) -> list[Path]:
+def model_files(model: Path) -> list[Path]:
     """The model file and the external-data files it references (same folder)."""
     files = [model]
     if model.suffix == ".onnx":
@@ -106,7 +129,11 @@ def _model_files(model: Path) -> list[Path]:
                     if entry.key == "location":
                         locations.add(entry.value)
         files += [model.parent / loc for loc in sorted(locations)]
+        files += generation_companions(model)  # a text-generation model's genai_config.json and tokenizer
     return files
+
+
+_model_files = model_files  # the name the benchmark scripts import
 
 
 def _initializers(graph: Any):
@@ -117,22 +144,40 @@ def _initializers(graph: Any):
                 yield from _initializers(attr.g)
 
 
-def measure(ctx: StageContext, model: Path, samples: dict, reference: dict,
-            execution: Execution | None = None, eval_data: dict | None = None) -> dict:
-    """Fidelity against the reference, latency, and top-1 accuracy when the job gave labelled eval data."""
-    from worker.accuracy import top1_accuracy
-    from worker.fidelity import compare
+def float_op_count(model: Path) -> int | None:
+    """Compute-heavy nodes (``FLOAT_OPS``) that run in floating point; None for a non-ONNX model."""
+    if model.suffix != ".onnx":
+        return None
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    return sum(1 for node in graph.node
+               if node.op_type in FLOAT_OPS and not any(name in dequantized for name in node.input))
+
+
+def measure_fidelity(ctx: StageContext, model: Path, holdout: Holdout, execution: Execution | None = None,
+                     eval_data: dict | None = None) -> dict:
+    """Fidelity on the gate part (and the calibration part), and top-1 accuracy on the job's eval data."""
+    from shared.inference.accuracy import top1_accuracy
+    from shared.inference.fidelity import compare
+    from shared.inference.runtime import load_session
     from worker.gpu import CUDA_PROVIDERS, gpu_name
-    from worker.latency import measure as measure_latency
-    from worker.runtime import load_session
 
     providers = execution.providers(model.parent / ENGINE_CACHE) if execution else None
     session = load_session(model, threads=ctx.settings.bench_threads, providers=providers)
-    fidelity = compare(reference, session.run(samples))
-    lock = ctx.jobs.redis.lock(f"modelyard:bench:{socket.gethostname()}", timeout=600, sleep=0.2)
-    with lock:  # one benchmark at a time per host: latency is meaningless when cores are shared
-        latency = measure_latency(session, samples, runs=ctx.settings.bench_runs, warmup=ctx.settings.bench_warmup)
-    metrics = {"fidelity": fidelity, "latency": latency, "provider": session.provider}
+    fidelity = compare(holdout.gate_reference, session.run(holdout.gate))
+    calibration = compare(holdout.calibration_reference, session.run(holdout.calibration)) \
+        if holdout.separate else fidelity
+    metrics = {
+        "fidelity": fidelity,
+        "calibration_fidelity": {k: v for k, v in calibration.items() if k != "outputs"},
+        "holdout": holdout.describe(),
+        "provider": session.provider,
+    }
+    if is_generation_folder(model.parent):  # perplexity and next-token agreement, on the gate rows
+        metrics["generation"] = score_folder(session, holdout.gate, holdout.gate_reference,
+                                             read_genai_config(model.parent))
     if eval_data is not None:
         metrics.update(top1_accuracy(session, eval_data))
     if session.provider in CUDA_PROVIDERS:
@@ -150,12 +195,15 @@ def _torch_fallback(ctx: StageContext, tmp: Path, samples: dict, reference: dict
         source = ctx.store.get_files(ctx.source_files, tmp / "torch-source")
         return {"torch_cuda": torch_cuda_figures(source, task, samples, reference, runs=ctx.settings.bench_runs,
                                                  warmup=ctx.settings.bench_warmup)}
-    except Exception as exc:  # noqa: BLE001 - an extra figure: its failure must not sink the variant
-        return {"torch_cuda": {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}}
+    except Exception as exc:  # an extra figure: its failure must not sink the variant
+        return {"torch_cuda": {"error": f"{type(exc).__name__}: {one_line(exc)}"}}
 
 
 def gate_verdict(gate: Gate, metrics: dict) -> tuple[bool, str]:
     """Whether a variant passes the job's fidelity gate, and why not."""
+    if metrics.get("generation"):  # text-generation: perplexity and next-token agreement, not logits cosine
+        reasons = gate_reasons(gate, metrics["generation"], None)
+        return (not reasons, "; ".join(reasons) or "passed the gate")
     fidelity = metrics["fidelity"]
     reasons = []
     if gate.cosine_min is not None and fidelity["cosine_min"] < gate.cosine_min:
@@ -169,91 +217,33 @@ def gate_verdict(gate: Gate, metrics: dict) -> tuple[bool, str]:
 
 
 def variant_summary(variant: str, manifest: Manifest, cached: bool, ctx: StageContext) -> dict:
+    """The variant's row of the selection table, before the select stage times it."""
     passed, reason = gate_verdict(ctx.spec.optimize.gate, manifest.metrics) if ctx.spec.optimize else (True, "")
-    latency = manifest.metrics["latency"]
+    metrics = manifest.metrics
+    fidelity = metrics["fidelity"]
+    calibration = metrics.get("calibration_fidelity") or {}
+    holdout = metrics.get("holdout") or {}
     return {
         "variant": variant,
         "step_key": manifest.step_key,
-        "size_bytes": manifest.metrics["size_bytes"],
-        "p50_ms": latency["p50_ms"],
-        "p95_ms": latency["p95_ms"],
-        "cosine_min": manifest.metrics["fidelity"]["cosine_min"],
-        "cosine_mean": manifest.metrics["fidelity"]["cosine_mean"],
-        "max_abs": manifest.metrics["fidelity"]["max_abs"],
-        "top1_agreement": manifest.metrics["fidelity"].get("top1_agreement"),
-        "accuracy": manifest.metrics.get("accuracy"),
-        "provider": manifest.metrics.get("provider"),
-        "gpu": manifest.metrics.get("gpu"),
+        "size_bytes": metrics["size_bytes"],
+        "float_ops": metrics.get("float_ops"),
+        "cosine_min": fidelity["cosine_min"],
+        "cosine_mean": fidelity["cosine_mean"],
+        "max_abs": fidelity["max_abs"],
+        "top1_agreement": fidelity.get("top1_agreement"),
+        "calibration_cosine_min": calibration.get("cosine_min"),
+        "calibration_cosine_mean": calibration.get("cosine_mean"),
+        "gate_rows": len(holdout.get("gate_rows") or []),
+        "calibration_rows": holdout.get("calibration_rows"),
+        "holdout": holdout.get("rule"),
+        "accuracy": metrics.get("accuracy"),
+        "generation": metrics.get("generation"),
+        "provider": metrics.get("provider"),
+        "gpu": metrics.get("gpu"),
         "passed": passed,
         "reason": reason,
         "cached": cached,
         "worker": manifest.worker if cached else ctx.worker,
         "queue": ctx.queue,
     }
-
-
-def select(ctx: StageContext, results: list[dict]) -> tuple[dict | None, list[dict]]:
-    """Pick the variant to deploy (None when nothing qualifies) and the table with every verdict."""
-    baseline = next((r for r in results if r["variant"] == BASELINE), None)
-    table = []
-    for row in results:
-        row = dict(row)
-        if row["variant"] != BASELINE:
-            row["size_ratio"] = row["size_bytes"] / baseline["size_bytes"] if baseline else None
-            row["speedup"] = baseline["p50_ms"] / row["p50_ms"] if baseline and row["p50_ms"] else None
-        table.append(row)
-    gate = ctx.spec.optimize.gate
-    for row in table:  # the accuracy gate needs the baseline's accuracy: it is known only here
-        if row["variant"] == BASELINE:
-            continue
-        if baseline and row.get("accuracy") is not None and baseline.get("accuracy") is not None:
-            row["accuracy_drop"] = baseline["accuracy"] - row["accuracy"]
-        why = accuracy_verdict(gate, row, baseline)
-        if why:
-            row["reason"] = f"{row['reason']}; {why}" if not row["passed"] else why
-            row["passed"] = False
-    objective = ctx.spec.optimize.objective
-    candidates = []
-    for row in table:
-        if row["variant"] == BASELINE:
-            row["verdict"] = "baseline"
-        elif not row["passed"]:
-            row["verdict"] = f"rejected: {row['reason']}"
-        elif objective == "latency" and baseline and row["p50_ms"] > baseline["p50_ms"]:
-            row["verdict"] = f"{SLOWER} ({row['p50_ms']:.1f} ms vs {baseline['p50_ms']:.1f} ms)"
-        else:
-            row["verdict"] = "candidate"
-            candidates.append(row)
-    if not candidates:
-        return None, table
-    key = (lambda r: (r["p50_ms"], r["size_bytes"])) if objective == "latency" else (
-        lambda r: (r["size_bytes"], r["p50_ms"]))
-    best = min(candidates, key=key)
-    best["verdict"] = "selected"
-    return best, table
-
-
-def accuracy_verdict(gate: Gate, row: dict, baseline: dict | None) -> str | None:
-    """Why a variant fails the gate's ``accuracy_drop_max`` against fp32; None when it does not."""
-    if gate.accuracy_drop_max is None:
-        return None
-    if baseline is None or baseline.get("accuracy") is None:
-        return "accuracy drop unknown: the fp32 baseline has no measured accuracy"
-    if row.get("accuracy") is None:
-        return "accuracy not measured"
-    drop = baseline["accuracy"] - row["accuracy"]
-    if drop > gate.accuracy_drop_max + 1e-9:  # accuracies are fractions of rows: allow rounding
-        return (f"accuracy {row['accuracy']:.4f} is {drop:.4f} below fp32's {baseline['accuracy']:.4f} "
-                f"> gate accuracy_drop_max {gate.accuracy_drop_max}")
-    return None
-
-
-def format_rejections(table: list[dict]) -> str:
-    """What was tried and why each was rejected; names the variants that passed the gate but lost on latency."""
-    rows = [f"{r['variant']} ({r['verdict']})" for r in table if r["variant"] != BASELINE]
-    message = "; ".join(rows)
-    slower = [r["variant"] for r in table if r.get("passed") and r.get("verdict", "").startswith(SLOWER)]
-    if slower:
-        message += (f". Passed the fidelity gate but are slower than fp32, so objective: latency keeps none of them: "
-                    f"{', '.join(slower)}; set optimize.objective: size to deploy the smallest of them")
-    return message

@@ -1,0 +1,68 @@
+"""ONNX model files on disk: private copies, the cwd some ONNX tools need, and metadata entries.
+
+A model file may have external data beside it (weights over protobuf's 2 GiB cap), so a copy
+carries those files too. ``working_directory`` exists because ``onnx`` checks an external data
+file's name against the process cwd above 2 GiB; the cwd is process-wide, so changing it is
+serialized by one lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+CWD_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    """chdir for the block, under a process-wide lock; restores the previous cwd."""
+    with CWD_LOCK:
+        previous = os.getcwd()
+        os.chdir(path)
+        try:
+            yield
+        finally:
+            os.chdir(previous)
+
+
+def stage_copy(model: Path, scratch: Path) -> Path:
+    """Copy a model file and its external data into scratch; returns the copy's path.
+
+    Tools that write scratch files beside their input (ONNX Runtime's quantizer writes
+    ``<name>-inferred.onnx``) then never touch a shared or read-only input folder.
+    """
+    from shared.inference.runtime import external_data_files
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    target = scratch / model.name
+    shutil.copyfile(model, target)
+    for location in external_data_files(model):
+        (scratch / location).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model.parent / location, scratch / location)
+    return target
+
+
+def set_metadata(path: Path, values: Mapping[str, object]) -> None:
+    """Add or replace ``metadata_props`` entries (values as strings); external weights stay where they are."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    existing = {entry.key: entry for entry in proto.metadata_props}
+    for key, value in values.items():
+        if key in existing:
+            existing[key].value = str(value)
+        else:
+            proto.metadata_props.add(key=key, value=str(value))
+    onnx.save_model(proto, str(path))
+
+
+def metadata(path: Path) -> dict[str, str]:
+    """The model's ``metadata_props`` as a dict (weights not loaded)."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
