@@ -61,7 +61,7 @@ def random_decoder(folder: Path, architecture: str, tokenizer_from: Path) -> Pat
     }
     config_class, model_class, extra = configs[architecture]
     config = getattr(transformers, config_class)(**{
-        "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "vocab_size": 512, "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "bos_token_id": 0,
         "eos_token_id": 1, "tie_word_embeddings": False, "architectures": [model_class], **extra})
     torch.manual_seed(0)

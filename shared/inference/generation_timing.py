@@ -9,7 +9,7 @@
   ``decode_tokens`` over the run's time.
 
 Peak memory is each model's own: a child process (``python -m shared.inference.generation_timing``)
-loads the folder, generates once and reports its peak RSS (``ru_maxrss``), and the RSS it had
+loads the folder, generates once and reports its peak RSS (``VmHWM``), and the peak it had
 before loading the model (the interpreter and the runtime), so that ``peak_rss_mb - base_rss_mb``
 is what the model costs.
 
@@ -148,6 +148,14 @@ def peak_rss(folder: Path, prompt: np.ndarray, *, threads: int, decode_tokens: i
 
 
 def _rss_mb() -> float:
+    """This process's peak RSS in MB: VmHWM, which starts afresh at exec. (``ru_maxrss`` does not: a child
+    started by a large worker would report the worker's peak.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kilobytes on Linux
 
 

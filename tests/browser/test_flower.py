@@ -38,9 +38,6 @@ from tests.services import ROOT
 pytestmark = pytest.mark.integration
 
 HOST = socket.gethostname()
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 STAGE_TASKS = {"modelyard.convert", "modelyard.optimize", "modelyard.select"}
 STEP_KEY = re.compile(r"[0-9a-f]{64}")
 
@@ -178,21 +175,6 @@ def demo_job(flower, producer_env, tmp_path_factory) -> dict:
     return job
 
 
-@pytest.fixture
-def browser():
-    if not CHROMIUM.exists():
-        reason = f"{CHROMIUM} is absent (apt-get install chromium; .ci/run installs it)"
-        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-            pytest.fail(reason + " and CI=true")
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture

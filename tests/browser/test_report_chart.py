@@ -12,7 +12,6 @@ test_flower.py); without ``/usr/bin/chromium`` these tests skip locally and fail
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,6 @@ import pytest
 
 from producer.report import html_report
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 HARDWARE = {"class": "avx2", "cpu": "AMD EPYC 7B13", "isa": ["avx2", "fma"], "cores": 2}
 GATE = 0.99
 
@@ -67,21 +63,6 @@ class Rect:
                 and self.right <= outer.right and self.bottom <= outer.bottom)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        reason = f"{CHROMIUM} is absent (apt-get install chromium; .ci/run installs it)"
-        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-            pytest.fail(reason + " and CI=true")
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @dataclass

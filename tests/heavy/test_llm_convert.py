@@ -1,6 +1,6 @@
 """Text-generation conversion (worker.support.genai_convert) for each supported family, against torch.
 
-Random-initialized 2-layer decoders (Qwen2, Qwen3, Mistral, Phi) with the tiny Llama's tokenizer:
+Random-initialized 2-layer decoders (Qwen2, Qwen3, Mistral, Phi, Phi-3) with the tiny Llama's tokenizer:
 the ONNX Runtime GenAI export must pick torch's next token at the held-out positions (all of them
 but near-ties: random weights make flat logits), and its logits must match (the check is against
 the source model, so random weights do). The trained
@@ -18,7 +18,7 @@ from shared.settings import Settings
 from tests.llm_models import held_out, random_decoder, tiny_llm  # noqa: F401  (tiny_llm: a session fixture)
 from worker.support.plugin_io import ConvertRequest
 
-pytestmark = pytest.mark.heavy
+pytestmark = [pytest.mark.heavy, pytest.mark.timeout(2400)]  # the first test also trains the tiny model
 
 
 def convert(folder: Path, workdir: Path, lines: list[str] | None = None):
@@ -30,7 +30,7 @@ def convert(folder: Path, workdir: Path, lines: list[str] | None = None):
                                             settings=Settings(), sample_text=lines))
 
 
-@pytest.mark.parametrize("architecture", ["qwen2", "qwen3", "mistral", "phi"])
+@pytest.mark.parametrize("architecture", ["qwen2", "qwen3", "mistral", "phi", "phi3"])
 def test_each_family_exports_with_a_kv_cache_and_torchs_next_tokens(tiny_llm, tmp_path, architecture):
     (tmp_path / architecture).mkdir()
     source = random_decoder(tmp_path / architecture, architecture, tiny_llm)

@@ -165,10 +165,9 @@ def test_convert_text_classification_with_user_samples(tmp_path):
 
 
 def test_int8_dynamic_is_a_quarter_the_size_and_close(minilm, variant):
-    """Default recipe: SmoothQuant-smoothed inputs + per-channel asymmetric dynamic INT8 weights.
-
-    Measured per-token cosine min 0.9936 / mean 0.998 (0.991 on held-out sentences) at 0.256x the
-    bytes, on a VNNI Xeon with int8 weights; 0.9935 on an AVX2-only EPYC with uint8 weights (auto).
+    """The default: SmoothQuant-smoothed inputs, per-channel asymmetric INT8 weights (7-bit where the
+    CPU's kernel saturates, measured), the most sensitive MatMuls float until the check rows reach
+    the target. Held-out figures and the report are checked in ``tests/heavy/test_int8_minilm.py``.
     """
     import onnx
 
@@ -177,48 +176,35 @@ def test_int8_dynamic_is_a_quarter_the_size_and_close(minilm, variant):
     _, fp32 = minilm
     int8 = variant("int8-dynamic")
     assert int8.name == "model.onnx" and sorted(p.name for p in int8.parent.iterdir()) == ["model.onnx"]
-    assert model_bytes(int8) <= 0.30 * model_bytes(fp32)
+    assert model_bytes(int8) <= 0.36 * model_bytes(fp32)  # 0.255x all-int8, + ~2% per FFN matrix kept float
     fidelity = _fidelity(minilm, int8)
     assert fidelity["cosine_min"] >= 0.99
     assert fidelity["cosine_mean"] >= 0.995
     meta = {p.key: p.value for p in onnx.load(str(int8), load_external_data=False).metadata_props}
     assert meta["modelyard.int8.smooth_alpha"] == "0.75"
-    assert meta["modelyard.int8.weight_type"].endswith("(auto)")  # int8 where the CPU has VNNI, else uint8
+    assert meta["modelyard.int8.weight_type"] in ("int8", "uint8") and "modelyard.int8.tuning" in meta
     assert meta["modelyard.int8.weight_symmetric"] == "False"
 
 
 def test_int8_dynamic_smoothing_and_asymmetric_weights_lift_fidelity(minilm, variant):
-    """Each step of the recipe counts: plain per-channel (0.973 per-token min on a VNNI Xeon),
-    + smoothing with symmetric weights (0.988), + asymmetric weights (0.994, the default).
+    """Each step of the recipe counts, without float nodes: plain per-channel (0.973 per-token min on
+    a VNNI Xeon), + smoothing with symmetric weights (0.988), + asymmetric weights (0.994).
 
     Means are compared, and minima only for the last step: how far plain U8S8 falls depends on
-    the CPU's kernel (it saturates without VNNI, where the default falls back to uint8 weights).
+    the CPU's kernel (it saturates without VNNI, where the measurement picks 7-bit weights).
     """
-    plain = _fidelity(minilm, variant("int8-dynamic", smooth=False, weight_symmetric=True))
-    smoothed = _fidelity(minilm, variant("int8-dynamic", weight_symmetric=True))
-    default = _fidelity(minilm, variant("int8-dynamic"))
+    plain = _fidelity(minilm, variant("int8-dynamic", smooth=False, weight_symmetric=True, accuracy_aware=False))
+    smoothed = _fidelity(minilm, variant("int8-dynamic", weight_symmetric=True, accuracy_aware=False))
+    default = _fidelity(minilm, variant("int8-dynamic", accuracy_aware=False))
     assert plain["cosine_mean"] >= 0.985
     assert smoothed["cosine_mean"] > plain["cosine_mean"]
     assert default["cosine_min"] > smoothed["cosine_min"]
     assert default["cosine_mean"] >= smoothed["cosine_mean"]
 
 
-def test_int8_dynamic_auto_builds_uint8_weights_when_int8_misses_the_target(minilm, variant):
-    """The fallback for CPUs whose U8S8 kernel saturates, forced here by an unreachable target."""
-    import onnx
-
-    int8 = variant("int8-dynamic", target_cosine=0.99999)
-    meta = {p.key: p.value for p in onnx.load(str(int8), load_external_data=False).metadata_props}
-    measured = dict(item.split() for item in meta["modelyard.int8.cosine_min_vs_float"].split(", "))
-    assert set(measured) == {"int8", "uint8"}
-    chosen = meta["modelyard.int8.weight_type"].split()[0]
-    assert float(measured[chosen]) == max(float(v) for v in measured.values())
-    assert _fidelity(minilm, int8)["cosine_min"] >= 0.99
-
-
 def test_per_tensor_is_less_faithful_than_per_channel(minilm, variant):
-    per_channel = _fidelity(minilm, variant("int8-dynamic"))
-    per_tensor = _fidelity(minilm, variant("int8-dynamic", per_channel=False))
+    per_channel = _fidelity(minilm, variant("int8-dynamic", accuracy_aware=False))
+    per_tensor = _fidelity(minilm, variant("int8-dynamic", per_channel=False, accuracy_aware=False))
     assert per_tensor["cosine_min"] < per_channel["cosine_min"]
     assert per_tensor["cosine_mean"] < per_channel["cosine_mean"]
 
@@ -258,8 +244,8 @@ def test_graph_then_int8(minilm, variant):
     from shared.inference.runtime import model_bytes
 
     _, fp32 = minilm
-    both = variant("int8-dynamic", model=variant("graph"))
-    assert model_bytes(both) < 0.3 * model_bytes(fp32)
+    both = variant("int8-dynamic", model=variant("graph"))  # fused Attention: the float-node search sees the rest
+    assert model_bytes(both) < 0.4 * model_bytes(fp32)
     assert _fidelity(minilm, both)["cosine_mean"] >= 0.98
 
 

@@ -15,25 +15,11 @@ from shared.manifest import Manifest, save_manifest
 from shared.repository import ModelRepository
 from shared.settings import Settings
 from shared.storage import open_store
+from tests.models.tiny import tiny_onnx
 from tests.storage_fixtures import unique_bucket
 from worker.context import StageContext
 
 pytestmark = pytest.mark.integration
-
-
-def tiny_onnx(path: Path, scale: float = 1.0) -> Path:
-    import onnx
-    from onnx import TensorProto, helper
-
-    weights = (np.arange(12, dtype=np.float32).reshape(4, 3) * scale).flatten().tolist()
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-        [helper.make_tensor("w", TensorProto.FLOAT, [4, 3], weights)],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
 
 
 def test_two_racing_deploys_of_one_model_get_distinct_versions_both_recorded(cluster, producer_env, tmp_path):
@@ -97,7 +83,7 @@ def test_a_model_failing_the_smoke_gate_is_not_deployed_and_the_alias_stays(redi
 
 def _manifest(store, folder: Path, *, scale: float, reference_scale: float, key: str) -> Manifest:
     folder.mkdir()
-    tiny_onnx(folder / "model.onnx", scale)
+    tiny_onnx(folder / "model.onnx", scale=scale)
     samples = {"x": np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)}
     weights = np.arange(12, dtype=np.float32).reshape(4, 3) * reference_scale
     np.savez(folder / "samples.npz", **samples)

@@ -12,8 +12,8 @@ import pytest
 
 from shared.redis_server import start_redis
 from shared.settings import get_settings
+from tests.models.tiny import tiny_onnx
 from tests.services import Cluster
-from tests.unit.test_gpu_pool import tiny_onnx
 from worker.gpu import CPU
 
 HOST = socket.gethostname()

@@ -23,7 +23,8 @@ from producer import api
 from shared.repository import ModelRepository
 from tests.llm_models import held_out, tiny_llm  # noqa: F401  (tiny_llm: a session fixture)
 
-pytestmark = [pytest.mark.integration, pytest.mark.heavy]
+# The first test also trains the tiny model (about 2 CPU-minutes); a job builds three models on one worker.
+pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.timeout(3600)]
 
 PROMPT = "The quiet engineer"
 JOB = """

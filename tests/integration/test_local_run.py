@@ -14,25 +14,11 @@ from typer.testing import CliRunner
 from producer.cli import app
 from shared.repository import ModelRepository
 from shared.settings import get_settings
+from tests.models.tiny import tiny_onnx
+
+TINY_WEIGHTS = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
 
 pytestmark = pytest.mark.integration
-
-
-def tiny_onnx(path: Path) -> Path:
-    import onnx
-    from onnx import TensorProto, helper
-
-    weights = (np.arange(12, dtype=np.float32).reshape(4, 3) / 10).flatten().tolist()
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])], "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-        [helper.make_tensor("w", TensorProto.FLOAT, [4, 3], weights)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
 
 
 @pytest.fixture
@@ -42,7 +28,7 @@ def job_file(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("MODELYARD_BROKER_URL", "redis://127.0.0.1:1/0")  # a stopped broker: never used
     monkeypatch.setenv("MODELYARD_BENCH_RUNS", "3")
     get_settings.cache_clear()
-    tiny_onnx(tmp_path / "m.onnx")
+    tiny_onnx(tmp_path / "m.onnx", TINY_WEIGHTS, relu=True)
     job = tmp_path / "job.yaml"
     job.write_text("model: {name: tiny, source: ./m.onnx, format: onnx}\n"
                    "optimize: {variants: [int8-dynamic], gate: {cosine_min: 0.9}, objective: size}\n"

@@ -28,7 +28,7 @@ from producer import api
 from shared.redis_server import free_port, redis_executable
 from shared.repository import ModelRepository
 from shared.settings import get_settings
-from tests.integration.test_deploy import tiny_onnx
+from tests.models.tiny import tiny_onnx
 from tests.services import ROOT, Cluster, WorkerProcess
 from tests.storage_fixtures import _emulator_executable, _wait_until_answering
 

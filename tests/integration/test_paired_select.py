@@ -17,8 +17,8 @@ from shared.inference.hardware import cpu_class, cpu_flags
 from shared.redis_server import start_redis
 from shared.repository import ModelRepository
 from shared.settings import get_settings
+from tests.models.tiny import tiny_onnx
 from tests.services import Cluster
-from tests.unit.test_gpu_pool import tiny_onnx
 
 pytestmark = [pytest.mark.integration]
 HOST = socket.gethostname()

@@ -208,7 +208,16 @@ def test_report_prints_the_variant_table_and_writes_an_html_chart(minilm_result,
     rows = json.loads(result.stdout)
     assert {r["variant"] for r in rows} == {"fp32", "int8-dynamic", "fp16", "int8-per-tensor"}
     text = page.read_text()
-    assert text.count("<circle") == 4 and "gate 0.99" in text and "int8-per-tensor" in text
+    assert 'id="variant-chart"' in text and "int8-per-tensor" in text  # the chart, and the table below it
+    from producer.report import variant_rows
+    from producer.variant_chart import variant_figure
+
+    rows = variant_rows(api.status(minilm_result["id"]))
+    figure = variant_figure(minilm_result, rows, 0.99)  # what the page draws, as data
+    labels = " ".join(annotation.text for annotation in figure.layout.annotations)
+    timed = [r["variant"] for r in rows if r.get("p50_ms") is not None and r.get("cosine_min") is not None]
+    assert "fp32" in timed and all(variant in labels for variant in timed), (timed, labels)
+    assert "gate: cosine-min ≥ 0.99" in labels
 
 
 def test_the_deployed_manifest_carries_the_variant_table(minilm_result, minilm_job):

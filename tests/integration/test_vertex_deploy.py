@@ -22,6 +22,7 @@ from shared.repository import ModelRepository
 from shared.settings import Settings
 from shared.storage import open_store
 from tests.conftest import require
+from tests.models.tiny import tiny_onnx
 from tests.services import Cluster
 from tests.storage_fixtures import unique_bucket
 from tests.vertex_fake import FakeVertex
@@ -31,21 +32,6 @@ pytestmark = pytest.mark.integration
 require("google.cloud.aiplatform_v1")
 
 VERTEX = "{project: demo-project, endpoint: tiny-endpoint, machine_type: n1-standard-4, serving: modelyard}"
-
-
-def tiny_onnx(path: Path) -> Path:
-    import onnx
-    from onnx import TensorProto, helper
-
-    weights = np.arange(12, dtype=np.float32).reshape(4, 3)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-        [helper.make_tensor("w", TensorProto.FLOAT, [4, 3], weights.flatten().tolist())],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
 
 
 @pytest.fixture(scope="module")

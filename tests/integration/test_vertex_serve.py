@@ -14,13 +14,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from shared.redis_server import free_port
 from shared.repository import ModelRepository
+from tests.models.tiny import tiny_onnx
 from tests.services import ROOT
 from tests.storage_fixtures import gcs_emulator, unique_bucket  # noqa: F401  (fixture)
 
@@ -29,20 +29,6 @@ pytestmark = pytest.mark.integration
 W = np.arange(12, dtype=np.float32).reshape(4, 3)
 HEALTH = "/v1/endpoints/123/deployedModels/456"
 PREDICT = "/v1/endpoints/123/deployedModels/456:predict"
-
-
-def tiny_onnx(path: Path) -> Path:
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-        [helper.make_tensor("w", TensorProto.FLOAT, [4, 3], W.flatten().tolist())],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
 
 
 def request(url: str, body: bytes | None = None) -> tuple[int, dict]:

@@ -17,13 +17,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from producer import api
 from shared.jobs import TERMINAL, JobStore
 from shared.redis_server import RedisServer, start_redis
 from shared.settings import get_settings
+from tests.models.tiny import tiny_onnx
 from tests.plugins import fault  # registers fault-onnx in this process
 from tests.services import Cluster, WorkerProcess
 
@@ -31,28 +31,11 @@ HOST = socket.gethostname()
 QUEUE_KEYS = ("cpu", "gpu")
 
 
-def tiny_onnx(path: Path, seed: int = 0) -> Path:
-    """A 4→3 MatMul whose weights depend on seed: a distinct model (and step key) per seed."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    weights = np.random.default_rng(seed).standard_normal((4, 3)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-        [helper.make_tensor("w", TensorProto.FLOAT, [4, 3], weights.flatten().tolist())],
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
-
-
 def fault_job(folder: Path, name: str, plan: dict | None = None, *, seed: int = 0,
               deploy: str | None = None, extra: str = "") -> Path:
     """A job file for the fault-onnx converter: <folder>/<name>/{model.onnx,fault.json} + <name>.yaml."""
     source = folder / name
-    tiny_onnx(source / "model.onnx", seed)
+    tiny_onnx(source / "model.onnx", seed=seed)
     (source / fault.PLAN).write_text(json.dumps(plan or {"action": "none"}))
     text = f"model: {{name: {name}, source: ./{name}, format: fault-onnx}}\nconvert: {{samples: {{batch: 2}}}}\n"
     if deploy:

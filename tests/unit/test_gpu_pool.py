@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,30 +17,16 @@ import pytest
 from producer.api import queue_for
 from shared.errors import UserInputError
 from shared.jobspec import parse_job
+from tests.models.tiny import tiny_onnx
 from tests.services import ROOT
 from worker import gpu
 from worker.gpu import CPU, CUDA, TENSORRT, choose_providers
 
+TINY_WEIGHTS = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+
 HOST = socket.gethostname()
 ALL = [TENSORRT, CUDA, CPU]
 FRAMEWORKS = ("torch", "onnxruntime", "tensorflow", "jax", "cupy", "tensorrt", "pycuda")
-
-
-def tiny_onnx(path: Path) -> Path:
-    import onnx
-    from onnx import TensorProto, helper
-
-    weights = (np.arange(12, dtype=np.float32).reshape(4, 3) / 10).flatten().tolist()
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])], "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-        [helper.make_tensor("w", TensorProto.FLOAT, [4, 3], weights)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
 
 
 # --- provider selection ------------------------------------------------------------------------
@@ -92,7 +77,8 @@ def test_the_trt_fp16_plugin_refuses_on_a_worker_without_tensorrt(tmp_path):
     from worker.plugins import registry
     from worker.plugins.base import OptimizeRequest
 
-    request = OptimizeRequest(model=tiny_onnx(tmp_path / "model.onnx"), workdir=tmp_path / "out",
+    model = tiny_onnx(tmp_path / "model.onnx", TINY_WEIGHTS, relu=True)
+    request = OptimizeRequest(model=model, workdir=tmp_path / "out",
                               samples={"x": np.ones((2, 4), np.float32)}, task=None, inputs=[], outputs=[])
     with pytest.raises(UserInputError, match="TensorRT execution provider not available"):
         registry.optimizer("trt-fp16").optimize(request)
@@ -101,7 +87,7 @@ def test_the_trt_fp16_plugin_refuses_on_a_worker_without_tensorrt(tmp_path):
 def test_trt_int8_calibration_writes_the_table_tensorrt_reads(tmp_path):
     from worker.support.tensorrt import write_calibration
 
-    model = tiny_onnx(tmp_path / "model.onnx")
+    model = tiny_onnx(tmp_path / "model.onnx", TINY_WEIGHTS, relu=True)
     cache = tmp_path / "trt_cache"
     cache.mkdir()
     table = write_calibration(model, {"x": np.random.default_rng(0).random((4, 4), np.float32)}, cache)

@@ -160,3 +160,38 @@ def test_compress_is_refused_for_a_text_generation_model():
         parse_job("model: {name: t, source: ./m, format: hf-transformers, task: text-generation}\n"
                   "compress: {prune: {method: layers, keep: 1}}\n")
     assert "compress (prune, distill) applies to encoder and CNN models" in str(refused.value)
+
+
+def test_a_vocabulary_as_wide_as_a_layer_is_refused_before_the_builder_miswires_the_head(tmp_path):
+    from worker.support.genai_builder import check_causal_lm_folder
+
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 1536,
+              "num_attention_heads": 12, "num_key_value_heads": 4, "intermediate_size": 4096}  # k/v: 4 x 128
+    with pytest.raises(UserInputError) as refused:
+        check_causal_lm_folder(folder_with(tmp_path, config), "./llm")
+    assert "vocab_size 512 equals the output width of the layers' key/value projections" in str(refused.value)
+
+
+class CharTokenizer:
+    """One token per character, BOS 0 first, EOS 1: how the packing frames each line."""
+
+    eos_token_id = 1
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [0] + [ord(c) for c in text]}
+
+
+def test_held_out_lines_are_packed_end_to_end_each_ended_by_eos():
+    from worker.support.genai_convert import token_rows
+
+    rows = token_rows(CharTokenizer(), ["abc", "de", "fghij"], rows=2, sequence=5, origin="model.samples t.txt")
+    assert rows.tolist() == [[0, 97, 98, 99, 1], [0, 100, 101, 1, 0]]
+
+
+def test_text_shorter_than_a_row_gives_one_shorter_row_and_too_little_text_is_refused():
+    from worker.support.genai_convert import token_rows
+
+    assert token_rows(CharTokenizer(), ["abcdefghij"], rows=8, sequence=128, origin="t").shape == (1, 12)
+    with pytest.raises(UserInputError) as refused:
+        token_rows(CharTokenizer(), ["ab"], rows=8, sequence=128, origin="model.samples t.txt")
+    assert "model.samples t.txt: 4 tokens in all; the gate needs at least 8" in str(refused.value)

@@ -19,6 +19,7 @@ import pytest
 from shared.errors import UserInputError
 from shared.jobspec import JobSpec
 from shared.settings import Settings
+from tests.models.tiny import tiny_onnx
 from tests.plugins import unsafe  # registers misbehaving-onnx in this process too
 from worker.plugins import registry
 from worker.plugins.base import ConvertRequest
@@ -27,22 +28,6 @@ from worker.sandbox.limits import Limits
 from worker.sandbox.output import check_workdir
 
 LIMITS = Limits(memory_mb=1024, cpu_s=60, file_mb=64, procs=64, wall_s=60)
-
-
-def tiny_onnx(path: Path) -> Path:
-    import onnx
-    from onnx import TensorProto, helper
-
-    weights = np.arange(12, dtype=np.float32).reshape(4, 3)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-        [helper.make_tensor("w", TensorProto.FLOAT, [4, 3], weights.flatten().tolist())],
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
 
 
 # --- the command line -------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from serving.vertex import (
 from shared.arrays import TensorInfo
 from shared.errors import UserInputError
 from shared.repository import ModelRepository
+from tests.models.tiny import tiny_onnx
 
 W = np.arange(12, dtype=np.float32).reshape(4, 3)
 X = TensorInfo("x", "float32", ["batch", 4])
@@ -31,26 +32,11 @@ ENV = {"AIP_HTTP_PORT": "8080", "AIP_HEALTH_ROUTE": "/v1/endpoints/1/deployedMod
        "AIP_PREDICT_ROUTE": "/v1/endpoints/1/deployedModels/2:predict", "AIP_MODE": "PREDICTION"}
 
 
-def tiny_onnx(path: Path) -> Path:
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])], "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-        [numpy_helper.from_array(W, "W")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.write_bytes(model.SerializeToString())
-    return path
-
-
 def publish(repo: ModelRepository, tmp_path: Path, name: str = "tiny") -> int:
     version = repo.claim_version(name, {"test": True})
     manifest = {"model": name, "version": version, "model_file": "model.onnx", "format": "onnx",
                 "inputs": [X.to_dict()], "outputs": [Y.to_dict()]}
-    repo.publish(name, version, {"model.onnx": tiny_onnx(tmp_path / f"{name}.onnx")}, manifest)
+    repo.publish(name, version, {"model.onnx": tiny_onnx(tmp_path / f"{name}.onnx", W)}, manifest)
     return version
 
 

@@ -21,8 +21,12 @@ class GenaiInt8Weights(Optimizer):
         "block_size": Param(int, 32, "input channels per quantization scale", choices=(16, 32, 64, 128, 256)),
         "accuracy_level": Param(int, 4, "MatMulNBits compute precision: 1 fp32, 2 fp16, 3 bf16, 4 int8",
                                 choices=(1, 2, 3, 4)),
+        "embeddings": Param(bool, False, "also quantize the token embedding table (GatherBlockQuantized)"),
     }
 
     def optimize(self, request: OptimizeRequest) -> Path:
-        options = {"block_size": request.params["block_size"], "accuracy_level": request.params["accuracy_level"]}
+        params = request.params
+        options: dict[str, object] = {"block_size": params["block_size"], "accuracy_level": params["accuracy_level"]}
+        if params["embeddings"]:
+            options["op_types_to_quantize"] = "MatMul/Gather"
         return rebuild_variant(request.model, request.workdir, variant=self.name, precision="int8", options=options)

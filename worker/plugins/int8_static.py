@@ -80,7 +80,7 @@ class Int8Static(Optimizer):
         try:
             source = stage_copy(Path(request.model).absolute(), scratch / "input")
             threads = Settings().bench_threads
-            split = split_calibration(request.samples, getattr(request, "reference", None), source,
+            split = split_calibration(request.samples, request.reference or None, source,
                                       check_fraction=params["check_fraction"], threads=threads)
             quant_input = source
             if params["smooth"]:
@@ -94,7 +94,7 @@ class Int8Static(Optimizer):
                 return _quantize(quant_input, target, rows, recipe, exclude, params, model=request.model)
 
             config = TuningConfig(
-                threshold=gate_threshold(getattr(request, "gate", None), params["target_cosine"]),
+                threshold=gate_threshold(request.gate, params["target_cosine"]),
                 margin=params["margin"], accuracy_aware=params["accuracy_aware"],
                 max_float_ops=params["max_float_ops"], max_latency_ratio=params["max_latency_ratio"],
                 budget_s=params["tuning_budget_s"], recipes=recipes or (INT8,), threads=threads)

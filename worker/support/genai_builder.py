@@ -79,12 +79,36 @@ def check_causal_lm_folder(folder: Path, source: str) -> str:
             f"model.source {source}: config.json names {found}; task text-generation supports decoder-only "
             f"models of the architectures {', '.join(ARCHITECTURES)}"
         )
+    clash = _layer_width_equal_to_vocabulary(config)
+    if clash:
+        raise UserInputError(
+            f"model.source {source}: vocab_size {config['vocab_size']} equals the output width of the layers' "
+            f"{clash}; ONNX Runtime GenAI's model builder takes every linear layer with vocab_size outputs for the "
+            "language-model head and would export a wrong model"
+        )
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UserInputError(
             f"model.source {source}: the folder has no tokenizer ({' or '.join(TOKENIZER_FILES)}); a text-generation "
             "model is served with its tokenizer: save it beside the model (tokenizer.save_pretrained(folder))"
         )
     return architecture
+
+
+def _layer_width_equal_to_vocabulary(config: dict) -> str | None:
+    """The projection whose output width is vocab_size, if one is (only toy vocabularies are this small)."""
+    try:
+        vocab, hidden, heads = int(config["vocab_size"]), int(config["hidden_size"]), int(config["num_attention_heads"])
+        head = int(config.get("head_dim") or hidden // heads)
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        intermediate = int(config.get("intermediate_size") or 0)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    widths = {"query projection": heads * head, "key/value projections": kv_heads * head,
+              "MLP (intermediate_size)": intermediate, "output projections (hidden_size)": hidden}
+    if (config.get("architectures") or [""])[0] == "Phi3ForCausalLM":  # Phi-3 fuses q/k/v and gate/up
+        widths.update({"fused query/key/value projection": (heads + 2 * kv_heads) * head,
+                       "fused gate/up projection": 2 * intermediate})
+    return next((name for name, width in widths.items() if width == vocab), None)
 
 
 def _json_or_empty(path: Path) -> dict:

@@ -8,8 +8,12 @@ which fitted nothing. A figure measured on the rows that chose the settings is o
 issue that started this: 0.9935 graded on the calibration sentences, 0.979 held out).
 
 ``score`` gives the gate's figure, the per-vector cosine minimum, and ``tail_error``, the mean
-``1 - cosine`` of the worst 5% of vectors: the ranking of candidate nodes uses the latter, since a
-minimum over a few hundred tokens moves with a single token and ranks noisily.
+``1 - cosine`` of the worst fifth of the vectors: the ranking of candidate nodes uses the latter.
+A minimum over a few hundred tokens moves with a single token and ranks noisily, and the tokens
+that set it on unseen text are others: on MiniLM, the nodes' leave-one-out gains on 5 fit rows
+ranked like their gains on 9 held-out rows with Spearman 0.03 by the minimum, 0.38 by the worst
+5%, 0.45 by the worst 20% (0.73 by the worst 5% on another split, where the worst 20% picked the
+same first nodes).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 
 from shared.arrays import Arrays
 
-TAIL_FRACTION = 0.05
+TAIL_FRACTION = 0.2
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ the *fit* rows if that node also stays float (``SwitchModel``: one run per quest
 the node that helps most. The nodes' effects interact (MiniLM on AVX2: keeping layer 1's FFN
 output dense float alone does not move the check rows' minimum; with layers 2 and 0 added it
 jumps from 0.989 to 0.995), so a one-shot leave-one-out ranking is not the best set. The search
-re-ranks after each choice: lazily, re-measuring the ``recheck`` best of the previous ranking
-(a node's gain rarely grows when another node goes float), the whole list only at the start.
+re-ranks after each choice, lazily: every node is measured at the start; after that, nodes in the
+order of their last measured gain, at least ``recheck`` of them and then only while a node's last
+gain could still beat the best fresh one (a node's gain mostly shrinks as others go float).
 
 It stops at the first of:
 
@@ -104,36 +105,38 @@ def search_float_islands(switch: SwitchModel, split: CalibrationSplit, goal: flo
 
     search = IslandSearch(start_fit=fit_error([]), start_check=check_score([]))
     current = search.start_fit
-    gains: dict[str, float] = {}  # each node's last measured drop in fit error: stale gains only shrink
-    pending = list(switch.nodes)  # the whole list first, then the best few of the last ranking
+    gains = {node.name: float("inf") for node in switch.nodes}  # last measured drop in fit error; inf: never
     while True:
         reached = (search.steps[-1].check if search.steps else search.start_check).cosine_min >= goal
         if reached or len(kept) >= max_nodes:
             search.stopped = REACHED if reached else MOST_NODES
             break
+        affordable = sorted((node for node in switch.nodes if node.name in gains
+                             and cost.ratio(kept + [node]) <= max_ratio), key=lambda n: -gains[n.name])
         fresh: dict[str, Score] = {}
-        affordable = [node for node in pending if cost.ratio(kept + [node]) <= max_ratio]
         for node in affordable:
+            best_gain = max((current.tail_error - f.tail_error for f in fresh.values()), default=float("-inf"))
+            if len(fresh) >= recheck and gains[node.name] <= best_gain:
+                break  # lazy: a stale gain this low will not beat the best fresh one
             if time.monotonic() > deadline:
+                search.stopped = BUDGET
                 break
             fresh[node.name] = fit_error(kept + [node])
             gains[node.name] = current.tail_error - fresh[node.name].tail_error
-        if len(fresh) < len(affordable):
-            search.stopped = BUDGET
+        if search.stopped:
             break
         if not fresh:
-            search.stopped = SPEED if pending else NO_GAIN
+            search.stopped = SPEED if gains else NO_GAIN
             break
-        best = min(affordable, key=lambda node: fresh[node.name].tail_error)
+        best_name = min(fresh, key=lambda name: fresh[name].tail_error)
+        best = next(node for node in affordable if node.name == best_name)
         if fresh[best.name].tail_error >= current.tail_error:
             search.stopped = NO_GAIN
             break
         kept.append(best)
-        current = fresh[best.name]
+        current = fresh.pop(best.name)
         gains.pop(best.name)
         search.steps.append(IslandStep(best, current, check_score(kept), cost.ratio(kept)))
-        by_gain = sorted((node for node in switch.nodes if node.name in gains), key=lambda n: -gains[n.name])
-        pending = by_gain[:recheck]
     search.evaluations = evaluations
     search.seconds = time.monotonic() - started
     return search

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 from worker.support.quant_calibration import Score
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86 flags whose int8 dot products sum into int32
-ISA_FLAGS = ("avx2", "avx512f", "avx512bw", *VNNI_FLAGS, "asimddp", "i8mm")
 
 
 @dataclass(frozen=True)
@@ -68,32 +66,21 @@ class CpuIsa:
 
     @property
     def label(self) -> str:
-        """The most telling flag: amx_int8, avx512_vnni, avx_vnni, avx512bw, avx2, or the machine name."""
-        for flag in ("amx_int8", "avx512_vnni", "avx_vnni", "avx512bw", "avx2", "asimddp"):
-            if flag in self.flags:
-                return flag
-        return self.machine or "unknown"
+        """The hardware class (``shared.inference.hardware``): cpu-amx, cpu-avx512-vnni, cpu-avx2, ..."""
+        from shared.inference.hardware import cpu_class
+
+        return cpu_class(set(self.flags), self.machine)
 
     def to_dict(self) -> dict:
-        return {"machine": self.machine, "cpu": self.model, "isa": self.label, "flags": sorted(self.flags)}
+        return {"machine": self.machine, "cpu": self.model, "class": self.label, "flags": sorted(self.flags)}
 
 
-def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> CpuIsa:
-    """This machine's CPU: Linux's ``/proc/cpuinfo`` flags, none known elsewhere."""
-    machine = platform.machine()
-    flags: set[str] = set()
-    model = "unknown"
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("flags", "Features") and not flags:
-                flags = set(value.split()) & set(ISA_FLAGS)
-            elif key == "model name" and model == "unknown":
-                model = value.strip()
-    except OSError:
-        pass
-    return CpuIsa(machine=machine, flags=frozenset(flags), model=model)
+def cpu_isa(cpuinfo: str | None = None) -> CpuIsa:
+    """This machine's CPU (``/proc/cpuinfo`` on Linux; no flags known elsewhere)."""
+    from shared.inference.hardware import ISA_FLAGS, cpu_flags, cpu_model
+
+    flags = cpu_flags(cpuinfo) & set(ISA_FLAGS)
+    return CpuIsa(machine=platform.machine(), flags=frozenset(flags), model=cpu_model(cpuinfo))
 
 
 def recipe_order(isa: CpuIsa) -> list[WeightRecipe]:

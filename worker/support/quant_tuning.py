@@ -27,9 +27,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from shared.errors import one_line
 from worker.support.quant_calibration import CalibrationSplit, Score, score
@@ -71,7 +72,7 @@ class TuningResult:
         entries = {
             "weight_type": self.recipe.weight_type,
             "reduce_range": self.recipe.reduce_range,
-            "isa": self.report.get("isa", {}).get("isa", "unknown"),
+            "isa": self.report.get("isa", {}).get("class", "unknown"),
             "saturation": self.report.get("saturation", ""),
             "float_nodes": ", ".join(node.short for node in self.float_nodes) or "none",
             "check_cosine_min": f"{final.get('check', {}).get('cosine_min', float('nan')):.4f}",
@@ -81,9 +82,20 @@ class TuningResult:
         return {f"modelyard.int8.{key}": str(value) for key, value in entries.items()}
 
 
-def gate_threshold(gate: object, default: float) -> float:
-    """The job gate's ``cosine_min`` (``request.gate``: a dict, or an object with that attribute), else ``default``."""
-    value = gate.get("cosine_min") if isinstance(gate, dict) else getattr(gate, "cosine_min", None)
+def tuning_report(model: Path) -> dict | None:
+    """The report an INT8 optimizer wrote into ``model``'s metadata (``modelyard.int8.tuning``), for a
+    stage that wants it in its record; None when the model has none (not INT8, or tuned before it existed)."""
+    from worker.support.onnx_files import metadata
+
+    if model.suffix.lower() != ".onnx":
+        return None
+    text = metadata(model).get("modelyard.int8.tuning")
+    return json.loads(text) if text else None
+
+
+def gate_threshold(gate: Mapping[str, Any] | None, default: float) -> float:
+    """The job gate's ``cosine_min`` (``request.gate``; None where the job sets none), else ``default``."""
+    value = (gate or {}).get("cosine_min")
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 

@@ -14,7 +14,6 @@ MatMuls only (other consumers of ``x`` see it unchanged). The measurements behin
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
 from pathlib import Path
 
 from shared.arrays import Arrays
@@ -22,14 +21,11 @@ from shared.arrays import Arrays
 SMOOTH_CLIP = (1e-2, 1e2)
 
 
-def smooth(model: Path, target: Path, samples: Arrays, alpha: float,
-           alpha_for: Mapping[str, float] | None = None) -> Path | None:
+def smooth(model: Path, target: Path, samples: Arrays, alpha: float) -> Path | None:
     """Write a smoothed copy of ``model`` to ``target``; returns its path.
 
-    ``alpha_for`` overrides ``alpha`` for the MatMuls it names (a group sharing one input takes
-    the override of any of its nodes). Returns None, writing nothing, when there is nothing to
-    smooth or the float model does not run on the samples. The float outputs are unchanged up to
-    rounding.
+    Returns None, writing nothing, when there is nothing to smooth or the float model does not
+    run on the samples. The float outputs are unchanged up to rounding.
     """
     import numpy as np
     import onnx
@@ -54,8 +50,7 @@ def smooth(model: Path, target: Path, samples: Arrays, alpha: float,
         if any(w.shape[0] != peaks[x].shape[0] for w in weights):
             continue
         w_peak = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-        group_alpha = next((alpha_for[n.name] for n in nodes if alpha_for and n.name in alpha_for), alpha)
-        scale = np.maximum(peaks[x], 1e-5) ** group_alpha / np.maximum(w_peak, 1e-5) ** (1.0 - group_alpha)
+        scale = np.maximum(peaks[x], 1e-5) ** alpha / np.maximum(w_peak, 1e-5) ** (1.0 - alpha)
         scale = np.clip(scale, *SMOOTH_CLIP).astype(np.float32)
         for node, w in zip(nodes, weights, strict=True):
             initializers[node.input[1]].CopyFrom(

@@ -1,0 +1,188 @@
+"""Accuracy-aware INT8 on small synthetic models: the saturation check, the float-node search, the switch model.
+
+Seconds each: the models are a single MatMul or a 4-layer MLP. The MiniLM figures are in
+``tests/heavy/test_int8_minilm.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from shared.inference.fidelity import compare
+from shared.inference.runtime import load_session
+from worker.plugins import registry
+from worker.plugins.base import OptimizeRequest
+from worker.support.onnx_files import metadata
+from worker.support.quant_recipes import cpu_isa
+
+pytestmark = pytest.mark.heavy
+RNG = np.random.default_rng(0)
+
+
+def _save(path: Path, nodes: list, inputs: list, outputs: list, initializers: list) -> Path:
+    graph = helper.make_graph(nodes, path.stem, inputs, outputs, initializers)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def saturating(tmp_path_factory) -> tuple[Path, dict]:
+    """One MatMul whose 8-bit int8 weights overflow a kernel that sums uint8 x int8 pairs in int16.
+
+    Channels 0-15 are outliers (15-20, so their uint8 codes are near 255) and their weights are
+    the column maxima in half the columns (int8 codes 127): pairs of 255 x 127 exceed 32767 there,
+    and only there, so those columns come out too small. In the other half a larger weight
+    elsewhere keeps the outliers' codes small.
+    """
+    k, n = 256, 256
+    weight = (RNG.standard_normal((k, n)) * 0.05).astype(np.float32)
+    weight[:16] = 1.0
+    weight[100, n // 2:] = 4.0
+    path = _save(tmp_path_factory.mktemp("saturating") / "model.onnx",
+                 [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+                 [numpy_helper.from_array(weight, "w")])
+    x = RNG.uniform(-1, 1, size=(32, k)).astype(np.float32)
+    x[:, :16] = RNG.uniform(15, 20, size=(32, 16))
+    return path, {"x": x}
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory) -> tuple[Path, dict]:
+    """Four 512 x 512 MatMuls with ReLUs, big enough for INT8 to be faster than float."""
+    width, layers = 512, 4
+    nodes, initializers, previous = [], [], "x"
+    for i in range(layers):
+        initializers.append(numpy_helper.from_array(
+            (RNG.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [previous, f"w{i}"], [f"h{i}"], name=f"layer{i}/MatMul"))
+        if i < layers - 1:
+            nodes.append(helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}"))
+            previous = f"r{i}"
+    path = _save(tmp_path_factory.mktemp("mlp") / "model.onnx", nodes,
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", width])],
+                 [helper.make_tensor_value_info(f"h{layers - 1}", TensorProto.FLOAT, ["batch", "sequence", width])],
+                 initializers)
+    return path, {"x": RNG.standard_normal((8, 128, width)).astype(np.float32)}
+
+
+def quantize(name: str, model: Path, samples: dict, workdir: Path, *, gate: dict | None = None, **params) -> Path:
+    workdir.mkdir()
+    request = OptimizeRequest(model=model, workdir=workdir, samples=samples, task=None, inputs=[], outputs=[],
+                              params=params, gate=gate or {})
+    return registry.optimizer(name).optimize(request)
+
+
+def report_of(model: Path) -> tuple[dict, dict]:
+    meta = metadata(model)
+    return meta, json.loads(meta["modelyard.int8.tuning"])
+
+
+@pytest.mark.parametrize("optimizer", ["int8-dynamic", "int8-static"])
+def test_the_weight_range_is_chosen_by_measurement_where_the_kernel_saturates(saturating, tmp_path, optimizer):
+    model, samples = saturating
+    output = quantize(optimizer, model, samples, tmp_path / "q", smooth=False)
+    meta, report = report_of(output)
+    measured = {entry["recipe"]: entry["fit"]["cosine_min"] for entry in report["recipes"]}
+    assert {"int8", "int8 7-bit"} <= set(measured), "both int8 ranges are measured"
+    chosen = "int8 7-bit" if meta["modelyard.int8.reduce_range"] == "True" else meta["modelyard.int8.weight_type"]
+    if cpu_isa().int32_dot_products:  # VNNI / AMX / ARM: nothing saturates, the 8 bits are kept
+        assert chosen == "int8" and meta["modelyard.int8.saturation"].startswith("not detected")
+    else:  # AVX2 without VNNI: 8-bit weights overflow, the measurement picks 7-bit (or uint8)
+        assert measured["int8"] < 0.995 < measured["int8 7-bit"]
+        assert chosen in ("int8 7-bit", "uint8")
+        assert meta["modelyard.int8.saturation"].startswith("detected")
+    assert meta["modelyard.int8.isa"] == cpu_isa().label
+    assert compare(load_session(model).run(samples), load_session(output).run(samples))["cosine_min"] >= 0.995
+
+
+def test_an_unreachable_threshold_keeps_the_most_sensitive_nodes_float_and_reports_them(mlp, tmp_path):
+    model, samples = mlp
+    baseline = quantize("int8-dynamic", model, samples, tmp_path / "plain", accuracy_aware=False)
+    tuned = quantize("int8-dynamic", model, samples, tmp_path / "tuned", target_cosine=0.99999, max_float_ops=2,
+                     max_latency_ratio=1.0)
+    meta, report = report_of(tuned)
+    kept = meta["modelyard.int8.float_nodes"].split(", ")
+    assert len(kept) == 2 and report["stopped"] == "max_float_ops reached"
+    graph = onnx.load(str(tuned)).graph
+    float_matmuls = {node.name for node in graph.node if node.op_type == "MatMul"}
+    assert {f"{name}/MatMul" for name in kept} <= float_matmuls, "the reported nodes are plain float MatMuls"
+    assert len([node for node in graph.node if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]) == 2
+    costs = report["float_nodes"]
+    assert [cost["node"] for cost in costs] == kept
+    assert all(cost["check_cosine_min_gain"] > 0 and 0 < cost["predicted_latency_ratio"] <= 1 for cost in costs)
+    assert report["final"]["latency_ratio"]["rounds"] >= 3 and report["final"]["float_nodes"] == 2
+    plain = compare(load_session(model).run(samples), load_session(baseline).run(samples))
+    better = compare(load_session(model).run(samples), load_session(tuned).run(samples))
+    assert better["cosine_min"] > plain["cosine_min"] and better["max_abs"] < plain["max_abs"]
+
+
+def test_a_reachable_threshold_keeps_every_node_int8_and_measures_no_latency(mlp, tmp_path):
+    from worker.support.quant_tuning import tuning_report
+
+    model, samples = mlp
+    output = quantize("int8-dynamic", model, samples, tmp_path / "q", target_cosine=0.99)
+    meta, report = report_of(output)
+    assert tuning_report(output) == report and tuning_report(model) is None
+    assert meta["modelyard.int8.float_nodes"] == "none"
+    assert report["stopped"] == "reached the goal without float nodes" and "latency_ratio" not in report["int8_only"]
+    assert report["rows"]["fit_rows"] == [0, 2, 4, 6] and report["rows"]["check_rows"] == [1, 3, 5, 7]
+    assert report["rows"]["reference"] == "float model"
+
+
+def test_the_job_gate_sets_the_threshold(mlp, tmp_path):
+    model, samples = mlp
+    _, report = report_of(quantize("int8-dynamic", model, samples, tmp_path / "q", gate={"cosine_min": 0.9},
+                                   target_cosine=0.99999))
+    assert report["threshold"] == 0.9 and report["stopped"] == "reached the goal without float nodes"
+
+
+def test_the_switch_model_runs_exactly_the_model_the_quantizer_writes_with_those_nodes_float(mlp, tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from worker.support.quant_switch import SwitchModel
+
+    model, samples = mlp
+    quantized, mixed = tmp_path / "q.onnx", tmp_path / "mixed.onnx"
+    quantize_dynamic(str(model), str(quantized), per_channel=True, weight_type=QuantType.QInt8)
+    quantize_dynamic(str(model), str(mixed), per_channel=True, weight_type=QuantType.QInt8,
+                     nodes_to_exclude=["layer1/MatMul"])
+    switch = SwitchModel(model, quantized, tmp_path / "switch" / "model.onnx", threads=1)
+    assert [node.name for node in switch.nodes] == [f"layer{i}/MatMul" for i in range(4)]
+    x = samples["x"][:2]
+    expected_q = load_session(quantized, threads=1).run({"x": x})["h3"]
+    expected_mixed = load_session(mixed, threads=1).run({"x": x})["h3"]
+    np.testing.assert_array_equal(switch.run({"x": x})["h3"], expected_q)
+    np.testing.assert_allclose(switch.run({"x": x}, ["layer1/MatMul"])["h3"], expected_mixed, rtol=1e-5, atol=1e-5)
+    all_float = switch.run({"x": x}, [node.name for node in switch.nodes])["h3"]
+    np.testing.assert_allclose(all_float, load_session(model, threads=1).run({"x": x})["h3"], rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_rows_split_evenly_and_a_fixed_batch_is_not_split(tmp_path):
+    from worker.support.quant_calibration import check_indices, split_calibration
+
+    assert check_indices(6, 0.5) == [1, 3, 5] and check_indices(8, 0.25) == [3, 7] and check_indices(2, 0.9) == [1]
+    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    dynamic = _save(tmp_path / "dynamic.onnx", [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                    [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], [weight])
+    fixed = _save(tmp_path / "fixed.onnx", [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 4])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6, 4])], [weight])
+    x = {"x": np.arange(24, dtype=np.float32).reshape(6, 4)}
+    source = {"y": x["x"] + 0.5}
+    split = split_calibration(x, source, dynamic)
+    assert split.separate and split.fit_rows == [0, 2, 4] and split.check_rows == [1, 3, 5]
+    assert split.reference_source == "source model"
+    np.testing.assert_array_equal(split.check_reference["y"], source["y"][[1, 3, 5]])
+    np.testing.assert_array_equal(split.all_rows["x"], x["x"][[0, 2, 4, 1, 3, 5]])
+    unsplit = split_calibration(x, None, fixed)
+    assert not unsplit.separate and unsplit.fit_rows == unsplit.check_rows == list(range(6))
+    assert unsplit.reference_source == "float model"
