@@ -304,18 +304,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="most paired rounds (12; quick 4)")
     parser.add_argument("--runs-per-round", type=int, default=2)
     parser.add_argument("--max-seconds", type=float, default=None, help="most seconds of paired timing (240; quick 30)")
+    parser.add_argument("--skip-speed", action="store_true", help="skip part 1 (and Olive)")
     parser.add_argument("--skip-olive", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--job-layers", type=int, default=0, help="also run a model of N layers through the whole job")
     args = common.resolve(parser.parse_args(), hidden=(1536, 512), layers=(16, 4), intermediate=(4096, 1024),
                           rounds=(12, 4), max_seconds=(240.0, 30.0))
     common.pin_threads(args.threads)
-    report = common.Report("llm", args)
+    report = common.Report("llm-job" if args.skip_speed else "llm", args)  # bench-results/<name>.json
     report.table(["model", "size", "build (wall / peak RSS)", "load", "TTFT (128 tokens)", "decode tok/s",
                   "peak RSS / quality"])
     with tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
         work = Path(tmp)
-        speed_and_size(args, report, work)
+        if not args.skip_speed:
+            speed_and_size(args, report, work)
         if not args.skip_quality:
             quality(args, report, work)
         if args.job_layers:
