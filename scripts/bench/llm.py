@@ -151,7 +151,7 @@ def speed_and_size(args, report: common.Report, work: Path) -> None:
         report.log(f"{precision}: built in {wall:.0f} s, builder peak RSS {rss:.0f} MB, "
                    f"{folder_bytes(out) / 1e6:.0f} MB")
     prompt = __import__("numpy").random.default_rng(0).integers(2, 500, 128)
-    plan = PairedPlan(runs_per_round=args.runs_per_round, min_rounds=3, max_rounds=args.rounds,
+    plan = PairedPlan(runs_per_round=args.runs_per_round, min_rounds=args.min_rounds, max_rounds=args.rounds,
                       max_seconds=args.max_seconds)
     result = measure_generation(folders, "fp32", prompt, threads=args.threads, plan=plan)
     report.data["timing"] = result
@@ -286,9 +286,16 @@ def whole_job(args, report: common.Report, work: Path) -> None:
     env = {**__import__("os").environ, "MODELYARD_HOME": str(work / "home"), "MODELYARD_SANDBOX_MEMORY_MB": "16384"}
     command = [str(Path(sys.executable).with_name("modelyard")), "run", str(job), "--json"]
     wall, rss, done = peak_tree_rss(lambda: subprocess.run(command, capture_output=True, text=True, env=env))
-    record = done.stdout.strip()
+    try:
+        record = __import__("json").loads(done.stdout)
+    except ValueError:
+        record = {}
+    stages = record.get("stages", {})
     report.data["job"] = {"parameters": parameters, "wall_s": wall, "peak_tree_rss_mb": rss,
-                          "returncode": done.returncode, "record": record[-20000:], "stderr": done.stderr[-4000:]}
+                          "returncode": done.returncode, "state": record.get("state"), "error": record.get("error"),
+                          "stage_seconds": {name: (stage.get("metrics") or {}).get("seconds")
+                                            for name, stage in stages.items()},
+                          "select": stages.get("select", {}).get("table"), "progress": done.stderr[-4000:]}
     report.row(f"whole job, {parameters / 1e9:.2f} B ({parameters * 4 / 1e9:.1f} GB fp32)", "", f"{wall:.0f} s", "",
                "", "", f"peak RSS of the job's processes {rss / 1024:.1f} GB, exit {done.returncode}")
 
@@ -297,18 +304,20 @@ def main() -> None:
     parser = common.parser(__doc__, reps=(1, 1), threads=2)
     parser.add_argument("--hidden", type=int, default=None, help="width (1536; quick 512)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (16; quick 4)")
-    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--heads", type=int, default=None, help="attention heads (12; quick 8)")
     parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=None, help="FFN width (4096; quick 1024)")
+    parser.add_argument("--intermediate", type=int, default=None, help="FFN width (4096; quick 1536)")
     parser.add_argument("--vocab", type=int, default=1024, help="vocabulary rows (the tokenizer uses the first 512)")
     parser.add_argument("--rounds", type=int, default=None, help="most paired rounds (12; quick 4)")
     parser.add_argument("--runs-per-round", type=int, default=2)
+    parser.add_argument("--min-rounds", type=int, default=3, help="paired rounds before a verdict may stop them")
     parser.add_argument("--max-seconds", type=float, default=None, help="most seconds of paired timing (240; quick 30)")
     parser.add_argument("--skip-speed", action="store_true", help="skip part 1 (and Olive)")
     parser.add_argument("--skip-olive", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--job-layers", type=int, default=0, help="also run a model of N layers through the whole job")
-    args = common.resolve(parser.parse_args(), hidden=(1536, 512), layers=(16, 4), intermediate=(4096, 1024),
+    args = common.resolve(parser.parse_args(), hidden=(1536, 512), layers=(16, 4), heads=(12, 8),
+                          intermediate=(4096, 1536),
                           rounds=(12, 4), max_seconds=(240.0, 30.0))
     common.pin_threads(args.threads)
     report = common.Report("llm-job" if args.skip_speed else "llm", args)  # bench-results/<name>.json
