@@ -191,3 +191,12 @@ def tls_redis_executable() -> str | None:
         if "Bad directive" not in probe.stdout + probe.stderr:
             return candidate
     return None
+
+
+@pytest.fixture
+def bubblewrap():
+    """Skip (fail on CI) where bwrap is missing: the sandbox tests need it."""
+    if shutil.which("bwrap") is None:
+        if os.environ.get("CI"):
+            pytest.fail("bubblewrap is not installed (scripts/test.sh installs it)")
+        pytest.skip("bubblewrap is not installed")

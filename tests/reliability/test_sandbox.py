@@ -12,9 +12,7 @@ worker must then convert a normal model, sandboxed.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import uuid
 from pathlib import Path
 
@@ -27,14 +25,6 @@ pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
 ATTEMPTS = ("home", "outside", "stack", "credentials", "redis", "env", "fork")
 PROCS = 64
-
-
-@pytest.fixture
-def bubblewrap():
-    if shutil.which("bwrap") is None:
-        if os.environ.get("CI"):
-            pytest.fail("bubblewrap is not installed (scripts/test.sh installs it)")
-        pytest.skip("bubblewrap is not installed")
 
 
 def everything_in_redis(client) -> str:

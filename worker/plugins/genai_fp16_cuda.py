@@ -21,4 +21,5 @@ class GenaiFp16Cuda(Optimizer):
     tools = BUILDER_TOOLS
 
     def optimize(self, request: OptimizeRequest) -> Path:
-        return rebuild_variant(request.model, request.workdir, variant=self.name, precision="fp16", provider="cuda")
+        return rebuild_variant(request.model, request.workdir, request.settings, variant=self.name,
+                               precision="fp16", provider="cuda")

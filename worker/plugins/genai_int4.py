@@ -49,4 +49,5 @@ class GenaiInt4(Optimizer):
             options["algo_config"] = params["method"]
         if params["embeddings"]:
             options["op_types_to_quantize"] = "MatMul/Gather"
-        return rebuild_variant(request.model, request.workdir, variant=self.name, precision="int4", options=options)
+        return rebuild_variant(request.model, request.workdir, request.settings, variant=self.name,
+                               precision="int4", options=options)

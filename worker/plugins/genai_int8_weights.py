@@ -29,4 +29,5 @@ class GenaiInt8Weights(Optimizer):
         options: dict[str, object] = {"block_size": params["block_size"], "accuracy_level": params["accuracy_level"]}
         if params["embeddings"]:
             options["op_types_to_quantize"] = "MatMul/Gather"
-        return rebuild_variant(request.model, request.workdir, variant=self.name, precision="int8", options=options)
+        return rebuild_variant(request.model, request.workdir, request.settings, variant=self.name,
+                               precision="int8", options=options)

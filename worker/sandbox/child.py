@@ -2,7 +2,8 @@
 
 In order: drop root (a root worker's sandbox starts as root; it becomes an unprivileged uid
 with no capabilities before anything else), set the limits, read the request, import the
-plugins, run the converter, write the result or the error. ``--probe`` stops after the limits
+plugins, run the converter (or the named task, ``worker.sandbox.tasks``), write the result or
+the error. ``--probe`` stops after the limits
 and writes a result that says so: the worker's start-up check.
 
 Every failure ends as an ``error.json``: a UserInputError keeps its message; a MemoryError, or a
@@ -49,15 +50,30 @@ def main(argv: list[str]) -> int:
         (io / exchange.RESULT).write_text(json.dumps({"probe": "ok", "uid": os.getuid()}))
         return 0
     try:
-        result = _convert(io)
+        if request_data.get("task"):
+            answer = _task(request_data)
+        else:
+            result = _convert(io)
     except BaseException as exc:
         kind, message = _describe(exc, limits)
         if kind == exchange.CRASH:
             traceback.print_exc()
         exchange.write_error(io, kind, message)
         return 0
-    exchange.write_result(io, result, _figures(started))
+    if request_data.get("task"):
+        exchange.write_task_result(io, answer, _figures(started))
+    else:
+        exchange.write_result(io, result, _figures(started))
     return 0
+
+
+def _task(data: dict) -> dict:
+    from worker.sandbox.tasks import task_function
+
+    answer = task_function(data["task"])(data["params"], Path(data["source"]), Path(data["workdir"]))
+    if not isinstance(answer, dict):
+        raise TypeError(f"sandbox task {data['task']} returned {type(answer).__name__}, not a dict")
+    return answer
 
 
 def _convert(io: Path):

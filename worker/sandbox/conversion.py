@@ -1,97 +1,26 @@
-"""One converter call in the sandbox: lay out its scratch folder, run it, read its answer.
+"""One converter call in the sandbox (``boxed.run_boxed``): the request in, the ConvertResult out.
 
-The scratch folder (the *box*) lies beside the workdir in the stage's temporary folder: ``io``
-(the request in, the result out), ``home`` and ``tmp``. A root worker hands the box, the workdir
-and a source downloaded into the stage's folder to the sandbox's uid (bwrap binds the source
-read-only; a source elsewhere is only read, and must be readable by that uid). The answer is
-read as untrusted input (``exchange``), and the workdir is vetted (``output``) before the stage
-touches it.
+The answer is read as untrusted input (``exchange``), and the workdir is vetted (``output``)
+before the stage touches it.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from shared.errors import TransientError, UserInputError
 from worker.plugins.base import Converter, ConvertRequest, ConvertResult
-from worker.sandbox import bubblewrap, exchange
-from worker.sandbox.limits import Limits
+from worker.sandbox import exchange
+from worker.sandbox.boxed import OUT, inside, run_boxed
 from worker.sandbox.output import check_workdir
-from worker.sandbox.process import Finished, run_child
-
-log = logging.getLogger("modelyard.sandbox")
-MESSAGE_LIMIT = 4000  # characters of an error message from the child that reach the job
 
 
 def convert_in_sandbox(converter: type[Converter], request: ConvertRequest, *,
                        architecture: dict | None = None) -> tuple[ConvertResult, dict]:
     """Run ``converter.convert(request)`` in a sandbox: its result and the sandbox's figures."""
-    settings = request.settings
-    limits = Limits.from_settings(settings)
-    source, workdir = Path(request.source).resolve(), Path(request.workdir).resolve()
-    box = Path(tempfile.mkdtemp(prefix="sandbox-", dir=workdir.parent))
-    try:
-        io = _layout(box)
-        privileged = os.geteuid() == 0
-        uid = bubblewrap.sandbox_uid() if privileged else None
-        inside_source = bubblewrap.INSIDE / "source" / source.name
-        exchange.write_request(io, request, converter=converter.name, source=inside_source,
-                               workdir=bubblewrap.INSIDE / "out", limits=limits.to_dict(),
-                               architecture=architecture, drop_to_uid=uid)
-        if uid is not None:  # the sandbox's uid owns its scratch; a private copy of the source becomes readable
-            private = [source] if workdir.parent in source.parents else []
-            for path in (box, workdir, *private):
-                _chown_tree(path, uid)
-        finished = run_child(box, settings, source=source, workdir=workdir, privileged=privileged,
-                             limits=limits)
-        result, figures = _answer(io, finished, limits)
-        check_workdir(workdir, result.model_file)
-        return result, {"mode": "bwrap", "seconds": round(finished.seconds, 3),
-                        **{name: _number(figures.get(name)) for name in ("load_s", "cpu_s", "max_rss_mb")}}
-    finally:
-        shutil.rmtree(box, ignore_errors=True)
-
-
-def _answer(io: Path, finished: Finished, limits: Limits) -> tuple[ConvertResult, dict]:
-    """The child's result, or the UserInputError (or TransientError) that says why there is none."""
-    if finished.timed_out:
-        raise UserInputError(limits.wall_message())
-    error = exchange.read_error(io)
-    if error is not None:
-        message = error["message"][:MESSAGE_LIMIT]  # the child's words go into the job record: bounded
-        if error["kind"] == exchange.TRANSIENT:
-            raise TransientError(message)
-        if error["kind"] == exchange.CRASH:
-            log.warning("sandboxed model load failed: %s\n%s", message, finished.log_tail)
-        if error["kind"] == exchange.MEMORY:
-            raise UserInputError(limits.memory_message())
-        raise UserInputError(message)
-    answer = exchange.read_result(io) if finished.returncode == 0 else None
-    if answer is None:
-        message = limits.ended(finished.returncode, log_tail=finished.log_tail)
-        log.warning("sandboxed model load ended without a result (%s)\n%s", message, finished.log_tail)
-        raise UserInputError(message)
-    return answer
-
-
-def _layout(box: Path) -> Path:
-    for name in ("io", "home", "tmp", "source", "out"):  # source and out: mount points for bwrap
-        (box / name).mkdir()
-    return box / "io"
-
-
-def _chown_tree(path: Path, uid: int) -> None:
-    os.chown(path, uid, uid, follow_symlinks=False)
-    if path.is_dir() and not path.is_symlink():
-        for folder, dirs, files in os.walk(path):
-            for name in dirs + files:
-                os.chown(Path(folder) / name, uid, uid, follow_symlinks=False)
-
-
-def _number(value: object) -> float | None:
-    """A figure the child reported (untrusted): a number, or None."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    data = exchange.convert_request(request, converter=converter.name, source=inside(request.source), workdir=OUT,
+                                    architecture=architecture)
+    result, record = run_boxed(request.settings, source=Path(request.source), workdir=Path(request.workdir),
+                               request=data, write_inputs=lambda io: exchange.write_samples(io, request),
+                               read=exchange.read_result)
+    check_workdir(Path(request.workdir).resolve(), result.model_file)
+    return result, record

@@ -1,9 +1,11 @@
 """What crosses the sandbox's wall, as files in its ``io`` folder: JSON and ``.npz`` without pickle.
 
-Parent → child: ``request.json`` (converter name, model and convert specs, the settings values
-plugins read, sample text, the student architecture, the limits) and ``samples.npz``.
-Child → parent: ``result.json`` (model file, inputs, outputs, extra, the child's own figures)
-with ``result-samples.npz`` and ``result-reference.npz``; or ``error.json`` (kind and message).
+Parent → child: ``request.json`` (for a convert: converter name, model and convert specs, the
+settings values plugins read, sample text, the student architecture; for a task: its name and
+parameters; always the limits) and ``samples.npz``.
+Child → parent: ``result.json`` (a convert's model file, inputs, outputs and extra, or a task's
+JSON answer; the child's own figures) with ``result-samples.npz`` and ``result-reference.npz``;
+or ``error.json`` (kind and message).
 
 Everything the child writes is untrusted: the parent reads it with size caps, arrays without
 pickle, and checks every field's type before it uses it.
@@ -19,7 +21,7 @@ from shared.arrays import TensorInfo, load_arrays, save_arrays
 from shared.errors import UserInputError, one_line
 from shared.jobspec import ConvertSpec, ModelSpec
 from shared.settings import Settings
-from worker.plugins.base import ConvertRequest, ConvertResult
+from worker.support.plugin_io import ConvertRequest, ConvertResult
 
 REQUEST, SAMPLES = "request.json", "samples.npz"
 RESULT, RESULT_SAMPLES, RESULT_REFERENCE = "result.json", "result-samples.npz", "result-reference.npz"
@@ -33,10 +35,10 @@ JSON_LIMIT = 16 * 2**20  # bytes of a result or error file the parent reads at m
 USER, TRANSIENT, MEMORY, CRASH = "user", "transient", "memory", "crash"
 
 
-def write_request(io: Path, request: ConvertRequest, *, converter: str, source: Path, workdir: Path,
-                  limits: dict, architecture: dict | None, drop_to_uid: int | None) -> None:
+def convert_request(request: ConvertRequest, *, converter: str, source: Path, workdir: Path,
+                    architecture: dict | None) -> dict[str, Any]:
     """The request as the child will see it: source and workdir are paths inside the sandbox."""
-    data = {
+    return {
         "converter": converter,
         "source": str(source),
         "workdir": str(workdir),
@@ -46,12 +48,21 @@ def write_request(io: Path, request: ConvertRequest, *, converter: str, source: 
         "sample_text": request.sample_text,
         "has_samples": request.samples is not None,
         "architecture": architecture,
-        "limits": limits,
-        "drop_to_uid": drop_to_uid,
     }
-    (io / REQUEST).write_text(json.dumps(data))
+
+
+def write_samples(io: Path, request: ConvertRequest) -> None:
     if request.samples is not None:
         save_arrays(io / SAMPLES, request.samples)
+
+
+def task_request(task: str, params: dict[str, Any], *, source: Path, workdir: Path) -> dict[str, Any]:
+    """A named sandbox task (``worker.sandbox.tasks``) on source, writing into workdir (paths inside)."""
+    return {"task": task, "params": params, "source": str(source), "workdir": str(workdir)}
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, default=str))
 
 
 def read_request(io: Path) -> tuple[dict, ConvertRequest]:
@@ -79,6 +90,21 @@ def write_result(io: Path, result: ConvertResult, figures: dict[str, Any]) -> No
         "extra": result.extra,
         "figures": figures,
     }, default=str))
+
+
+def write_task_result(io: Path, result: dict[str, Any], figures: dict[str, Any]) -> None:
+    write_json(io / RESULT, {"task_result": result, "figures": figures})
+
+
+def read_task_result(io: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A sandbox task's answer (a JSON object, untrusted: the caller checks its fields) and figures."""
+    data = _read_json(io / RESULT)
+    if data is None:
+        return None
+    result = data.get("task_result")
+    if not isinstance(result, dict):
+        raise UserInputError("the sandboxed model load returned a malformed result: no task_result object")
+    return result, (data.get("figures") if isinstance(data.get("figures"), dict) else {})
 
 
 def write_error(io: Path, kind: str, message: str) -> None:

@@ -19,6 +19,17 @@ from shared.errors import UserInputError
 
 def check_workdir(workdir: Path, model_file: str) -> Path:
     """The model file's path in workdir; UserInputError for anything but plain files and folders."""
+    check_plain(workdir)
+    model = _inside(workdir, model_file, "model file")
+    if not model.is_file():
+        raise UserInputError(f"the sandboxed model load named {model_file!r} as its model, which it did not write")
+    if model.suffix.lower() == ".onnx":
+        _check_external_data(model, workdir)
+    return model
+
+
+def check_plain(workdir: Path) -> None:
+    """UserInputError unless everything under workdir is a plain file or folder."""
     for folder, dirs, files in os.walk(workdir, followlinks=False):
         for name in dirs + files:
             path = Path(folder) / name
@@ -28,12 +39,6 @@ def check_workdir(workdir: Path, model_file: str) -> Path:
                 raise UserInputError(
                     f"the sandboxed model load left {kind} in its output ({path.relative_to(workdir)}); refused"
                 )
-    model = _inside(workdir, model_file, "model file")
-    if not model.is_file():
-        raise UserInputError(f"the sandboxed model load named {model_file!r} as its model, which it did not write")
-    if model.suffix.lower() == ".onnx":
-        _check_external_data(model, workdir)
-    return model
 
 
 def _inside(workdir: Path, relative: str, what: str) -> Path:

@@ -14,12 +14,12 @@ died mid-training — resumes after the last checkpointed epoch instead of start
 trains, the job record's ``compress`` stage carries ``progress`` (epoch, step, loss), which
 ``modelyard status`` shows. Runs on CUDA when the job says ``device: gpu`` and the worker has one.
 
-Not in the model-load sandbox (``worker.sandbox``), unlike convert: the loaded teacher is trained
-against in this process, which writes checkpoints to the store, progress to Redis and may use the
-GPU, so a sandbox would have to hold the whole stage. Its loads run no code by construction: a
-Hugging Face folder loads with ``use_safetensors=True`` and ``trust_remote_code=False`` (pickle
-weights are refused), a state dict as safetensors or ``torch.load(weights_only=True)``, the
-factory only from ``MODELYARD_ALLOWED_FACTORIES``; the student it writes is converted sandboxed.
+The user's files are read only in the model-load sandbox (``worker.sandbox``): the
+``compress-teacher`` task loads the teacher there and writes it back as safetensors and
+re-serialized JSON (``worker.compress.teacher``), and this process trains against that copy (it
+writes checkpoints to the store, progress to Redis and may use the GPU, so the training itself
+stays here). The factory of a state dict comes only from ``MODELYARD_ALLOWED_FACTORIES``; the
+student it writes is converted sandboxed.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def compress_params(ctx: StageContext) -> dict:
         "compress": spec.compress.model_dump(mode="json", exclude={"distill": {"data"}}),
         "data_digest": data["digest"] if data else None,
         "device": spec.device,
+        "sandbox": ctx.settings.sandbox,
     }
 
 
@@ -73,7 +74,8 @@ def run_compress(ctx: StageContext) -> tuple[Manifest, bool]:
     def compute(tmp: Path) -> StepOutput:
         teacher_dir = tmp / "teacher"
         ctx.store.get_files(source_files, teacher_dir)
-        teacher_path = teacher_dir if ctx.record["source"]["is_folder"] else teacher_dir / source_files[0].path
+        uploaded = teacher_dir if ctx.record["source"]["is_folder"] else teacher_dir / source_files[0].path
+        teacher_path, sandbox = _plain_teacher(ctx, uploaded, tmp / "teacher-plain")
         data_path = None
         if ctx.record.get("distill_data"):
             ref = FileRef.from_dict(ctx.record["distill_data"])
@@ -88,13 +90,27 @@ def run_compress(ctx: StageContext) -> tuple[Manifest, bool]:
         else:
             metrics, info = _compress_cnn(ctx, teacher_path, data_path, out, training)
         return StepOutput(folder=out, metrics=metrics, info={**info, "format": ctx.spec.model.format,
-                                                             "teacher_digest": input_digest})
+                                                             "teacher_digest": input_digest, "sandbox": sandbox})
 
     manifest, cached = run_step(ctx, stage=STAGE, input_digest=input_digest, params=params, tools=tools,
                                 compute=compute)
     if not cached:
         ctx.store.delete(checkpoint_key(key))  # the step is done; a later run finds its manifest instead
     return manifest, cached
+
+
+def _plain_teacher(ctx: StageContext, uploaded: Path, out: Path) -> tuple[Path, dict]:
+    """The teacher as the sandbox wrote it back (``worker.compress.teacher``): its path, and the sandbox's record."""
+    from worker.compress.teacher import STATE_FILE
+    from worker.sandbox.tasks import run_task
+
+    spec = ctx.spec
+    params = {"format": spec.model.format, "task": spec.model.task, "label": f"model.source {spec.model.source}"}
+    answer, sandbox = run_task("compress-teacher", params, source=uploaded, workdir=out, settings=ctx.settings)
+    path = answer.get("path")
+    if path not in (".", STATE_FILE) or not (out / path).exists():
+        raise UserInputError(f"model.source {spec.model.source}: the sandboxed teacher load returned no teacher")
+    return (out / path).resolve(), sandbox
 
 
 def _device(ctx: StageContext) -> str:

@@ -44,6 +44,7 @@ def convert_params(ctx: StageContext) -> dict:
         "convert": spec.convert.model_dump(mode="json"),
         "samples_digest": samples["digest"] if samples else None,
         **({"gate_samples_digest": gate["digest"]} if gate else {}),
+        "sandbox": ctx.settings.sandbox,  # a model loaded unsandboxed is never reused where the sandbox is on
     }
 
 

@@ -83,6 +83,7 @@ def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Mani
                     inputs=[TensorInfo.from_dict(t) for t in convert.info["inputs"]],
                     outputs=[TensorInfo.from_dict(t) for t in convert.info["outputs"]],
                     params=spec.params_for(optimizer.name),
+                    settings=ctx.settings,
                 )
             )
         out = tmp / "out"
@@ -107,6 +108,7 @@ def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Mani
         stage=f"optimize:{variant}",
         input_digest=digest_of_files(convert.files),
         params={"of": spec.of, "params": spec.params, "pool": ctx.queue, "holdout": RULE_VERSION,
+                "sandbox": ctx.settings.sandbox,  # the genai-* variants load the user's source
                 "gate": gate if optimizers else None, **execution.key_params(),
                 **({"eval_data_digest": eval_ref.digest} if eval_ref else {})},
         tools=tool_versions(tools),

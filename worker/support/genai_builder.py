@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from shared.errors import UserInputError, one_line
+from shared.settings import Settings
 from worker.support.transformers_models import check_folder
 
 # config.json "architectures"[0] -> family, for the builder's exporters this project supports.
@@ -167,20 +168,38 @@ def _complaint(output: str, returncode: int) -> str:
 
 
 
-def rebuild_variant(model: Path, workdir: Path, *, variant: str, precision: str, provider: str = "cpu",
-                    options: Mapping[str, object] | None = None) -> Path:
+def rebuild_variant(model: Path, workdir: Path, settings: Settings | None, *, variant: str, precision: str,
+                    provider: str = "cpu", options: Mapping[str, object] | None = None) -> Path:
     """A text-generation variant: the builder run again, at ``precision``, on the source kept beside ``model``.
 
     ``model`` is the convert stage's ``model.onnx``; its folder holds ``genai_config.json`` and the
     source as ``hf_source/`` (``worker.support.genai_convert``). Anything else is refused by name.
+    The builder reads the user's model: it runs in the model-load sandbox (the ``genai-build``
+    task) unless ``settings`` (the environment's when None) turn the sandbox off.
     """
+    from worker.sandbox.tasks import run_task
+
     folder = Path(model).parent
     source = folder / SOURCE_FOLDER
     if not (folder / GENAI_CONFIG).is_file() or not source.is_dir():
         raise UserInputError(f"variant {variant} applies to text-generation models (task text-generation: an ONNX "
                              f"Runtime GenAI folder and its source); {Path(model).name} is not one")
-    return build(source, Path(workdir), precision=precision, provider=provider, options=options,
-                 label=f"variant {variant}")
+    params = {"precision": precision, "provider": provider, "options": dict(options or {}),
+              "label": f"variant {variant}"}
+    answer, _sandbox = run_task("genai-build", params, source=source, workdir=Path(workdir),
+                                settings=settings or Settings())
+    name = answer.get("model_file")
+    if name != MODEL_FILE or not (Path(workdir) / MODEL_FILE).is_file() or not (Path(workdir) / GENAI_CONFIG).is_file():
+        raise UserInputError(f"the ONNX Runtime GenAI model builder wrote no {MODEL_FILE} and {GENAI_CONFIG} for "
+                             f"variant {variant} ({precision}, {provider})")
+    return Path(workdir) / MODEL_FILE
+
+
+def build_task(params: dict, source: Path, out: Path) -> dict:
+    """The ``genai-build`` sandbox task (``worker.sandbox.tasks``): ``build`` with the request's parameters."""
+    model = build(source, out, precision=params["precision"], provider=params["provider"],
+                  options=params["options"], label=params["label"])
+    return {"model_file": model.name}
 
 
 def generation_companions(model: Path) -> list[Path]:

@@ -79,7 +79,7 @@ def archive_root(names: list[str], label: str) -> str:
 def weights_only_reason(exc: BaseException) -> str:
     """The part of a ``torch.load(weights_only=True)`` refusal that says what was refused."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    match = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed global by default|\. |\n|$)", text)
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?: was not an allowed global by default|\. |\n|$)", text)
     line = match.group(1) if match else text
     line = " ".join(line.split())
     return line if len(line) <= 200 else line[:197] + "..."

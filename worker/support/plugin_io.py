@@ -52,3 +52,6 @@ class OptimizeRequest:
     # The job's gate thresholds (``shared.jobspec.Gate`` as a dict: cosine_min, max_abs, top1_min,
     # accuracy_drop_max; None where unset), for plugins that search for the cheapest model that passes.
     gate: dict[str, Any] = field(default_factory=dict)
+    # The worker's settings (the sandbox a plugin that reads the user's source runs its load in);
+    # None: read from the environment when needed.
+    settings: Settings | None = None

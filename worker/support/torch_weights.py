@@ -76,6 +76,9 @@ def load_weights(path: Path, label: str) -> dict:
     except Exception as exc:
         from worker.support.pickle_scan import weights_only_reason
 
+        if "can't allocate memory" in str(exc) or isinstance(exc, MemoryError):
+            raise MemoryError(f"{label}: out of memory loading {path.name}") from None  # the sandbox names its limit
+
         raise UserInputError(
             f"{label}: torch.load(weights_only=True) refuses the file ({weights_only_reason(exc)}). It holds more "
             "than plain tensors (pickled objects can run code when loaded); save model.state_dict() with safetensors"
