@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.sentinel import MasterNotFoundError
 
 from shared import pipeline
+from shared.broker import redact
 from shared.celery_app import make_celery
 from shared.errors import UserInputError
 from shared.jobs import CANCELLED, TERMINAL, JobStore
@@ -66,7 +68,7 @@ def connect(settings: Settings | None = None, *, attempts: int = 3, delay: float
             return jobs
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if attempt == attempts - 1:
-                raise BrokerUnavailable(f"cannot reach Redis at {_redact(url)}: {exc}") from None
+                raise BrokerUnavailable(f"cannot reach Redis at {_redact(url)}: {_reason(exc)}") from None
             time.sleep(delay * (attempt + 1))
         except redis.AuthenticationError:
             raise BrokerUnavailable(f"Redis at {_redact(url)} refused the password") from None
@@ -74,10 +76,13 @@ def connect(settings: Settings | None = None, *, attempts: int = 3, delay: float
 
 
 def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+    return redact(url)  # every part of a sentinel URL, and its sentinel_password
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, MasterNotFoundError):  # its own text lists every sentinel client's settings
+        return "no sentinel named a master (are the sentinels up, and is master_name theirs?)"
+    return str(exc)
 
 
 def gpu_benefit(optimizer: str) -> bool:
@@ -132,6 +137,21 @@ def submit(job_file: str | Path, *, settings: Settings | None = None) -> str:
     return job_id
 
 
+def unserved_target(job_file: str | Path, *, settings: Settings | None = None, timeout: float = 1.0) -> str | None:
+    """The class queue of the job's ``optimize.target`` when no online worker consumes it, else None.
+
+    The job still waits there (a worker of that class may join later); the CLI warns.
+    """
+    spec = validate(job_file)
+    if not spec.optimize or not spec.optimize.target:
+        return None
+    queue = queue_for(spec, "select")
+    app = _celery(broker_url(settings))
+    active = app.control.inspect(timeout=timeout).active_queues() or {}
+    served = {q.get("name") for queues in active.values() for q in (queues or []) if isinstance(q, dict)}
+    return None if queue in served else queue
+
+
 def record(jobs: JobStore, store: ArtifactStore, spec: JobSpec, source: Path, *, samples_path: Path | None = None,
            eval_path: Path | None = None, distill_path: Path | None = None) -> str:
     """Upload a job's inputs and write its record (not yet enqueued); returns the new job id."""
@@ -179,7 +199,7 @@ def wait(job_id: str, *, timeout: float | None = None, poll: float = 0.5,
             if time.monotonic() - lost_since > OUTAGE_GRACE_S:
                 raise BrokerUnavailable(
                     f"lost the connection to Redis at {_redact(broker_url(settings))} while waiting for job "
-                    f"{job_id} ({exc}); the job may still be running"
+                    f"{job_id} ({_reason(exc)}); the job may still be running"
                 ) from None
             time.sleep(poll)
             continue

@@ -18,7 +18,7 @@ from shared.celery_app import QUEUES
 from shared.errors import UserInputError
 from shared.inference.hardware import class_of_queue
 from shared.jobs import INDEX, PREFIX, TERMINAL, JobStore
-from shared.queues import queue_depth, unacked_counts
+from shared.queues import class_queues, queue_depth, unacked_counts
 
 STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 ERROR_SUMMARY_CHARS = 120
@@ -38,10 +38,16 @@ def consumers(active_queues: dict[str, list[dict]] | None) -> dict[str, list[str
 
 def queue_report(client: redis.Redis, *, active_queues: dict[str, list[dict]] | None = None,
                  queues: Iterable[str] = QUEUES, transport_options: dict | None = None) -> list[dict[str, Any]]:
-    """One row per queue: depth (waiting), unacked (reserved/running), consumers (online workers)."""
-    queues = list(queues)
-    unacked = unacked_counts(client, queues, transport_options)
+    """One row per queue: depth (waiting), unacked (reserved/running), consumers (online workers).
+
+    Besides the pools' queues: every hardware-class queue (``cpu.cpu-avx2``) that an online worker
+    consumes or that holds messages, so a job whose ``optimize.target`` no worker serves shows up
+    as a class queue with messages and no consumer.
+    """
     by_queue = consumers(active_queues)
+    waiting = class_queues(client, queues, transport_options)
+    queues = list(dict.fromkeys([*queues, *sorted(set(by_queue) | waiting)]))
+    unacked = unacked_counts(client, queues, transport_options)
     return [
         {
             "queue": queue,

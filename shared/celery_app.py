@@ -9,19 +9,28 @@ of a stage so that a running stage is never delivered twice. Only JSON crosses t
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from kombu import Queue
 
+from shared.broker import celery_connection
 from shared.errors import UserInputError
 from shared.settings import Settings
 
 QUEUES = ("cpu", "gpu")
+# The broker URL as configured (a sentinel:// one with its master name, which Celery's form keeps in
+# the transport options): what our own Redis clients open, through shared.broker.redis_client. "SECRET"
+# in the name: Celery's filter_hidden_settings masks it wherever a worker's conf is shown (Flower).
+CONFIGURED_URL_KEY = "modelyard_broker_url_secret"
 
 
 def delivery_config(settings: Settings, broker_url: str) -> dict:
+    connection = celery_connection(broker_url)  # UserInputError for a malformed sentinel URL
     return {
-        "broker_url": broker_url,
-        "result_backend": broker_url,
+        "broker_url": connection.url,
+        "result_backend": connection.url,
+        CONFIGURED_URL_KEY: broker_url,
         "task_serializer": "json",
         "result_serializer": "json",
         # Nothing reads a stage's Celery result: chain steps get their input in the message, job
@@ -39,12 +48,18 @@ def delivery_config(settings: Settings, broker_url: str) -> dict:
         "task_soft_time_limit": settings.stage_soft_time_limit_s,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
-            "socket_timeout": 30,
+            # A partition that leaves connections open but silent costs the worker's main process one
+            # socket_timeout per pooled connection it finds dead, its event loop blocked meanwhile
+            # (tests/reliability/test_chaos.py): kept short, commands on a live Redis take milliseconds.
+            "socket_timeout": 10,
             "socket_connect_timeout": 5,
             "health_check_interval": 10,
             "retry_on_timeout": True,
+            **connection.transport_options,
         },
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s,
+                                             **connection.transport_options},
+        **connection.settings,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "task_default_queue": "cpu",
@@ -76,16 +91,16 @@ def make_celery(settings: Settings, *, broker_url: str | None = None) -> Celery:
             "or start the local stack with 'modelyard up'"
         )
     app = Celery("modelyard")
-    app.conf.update(delivery_config(settings, with_tls_defaults(url)))
+    app.conf.update(delivery_config(settings, url))
     return app
 
 
-def with_tls_defaults(url: str) -> str:
-    """A ``rediss://`` URL that does not say otherwise verifies the server's certificate.
+def configured_broker_url(conf: Any) -> str:
+    """The broker URL a Celery app was made with, for ``shared.broker.redis_client``.
 
-    Celery's Redis result backend refuses a ``rediss://`` URL without ``ssl_cert_reqs``, and kombu
-    would connect without verifying; ``ssl_cert_reqs=required`` is what redis-py does by default.
+    Falls back to ``broker_url`` when someone set that directly afterwards (``worker.local`` does).
     """
-    if url.startswith("rediss://") and "ssl_cert_reqs=" not in url:
-        url += ("&" if "?" in url else "?") + "ssl_cert_reqs=required"
-    return url
+    configured = conf.get(CONFIGURED_URL_KEY)
+    if configured and celery_connection(configured).url == conf.broker_url:
+        return configured
+    return conf.broker_url

@@ -4,6 +4,9 @@ One hash per job (``modelyard:job:<id>``). Each stage, and each optimize variant
 own field, so concurrent stages never overwrite each other. A terminal state (SUCCEEDED,
 FAILED, CANCELLED) is final: later writes of the job state are ignored.
 
+A finished job's record expires ``MODELYARD_JOB_RETENTION_DAYS`` after it ended (the TTL is set
+with the final state); ``modelyard gc`` drops older finished records that carry no TTL.
+
 A stage costs few Redis round trips: ``begin_stage`` is one script (cancellation check, delivery
 count, job state, the stage's first record), and ``update_stage`` merges into the record this
 process last wrote and stores it with a compare-and-set, so it reads the record only when
@@ -21,6 +24,8 @@ from typing import Any, NamedTuple
 
 import redis
 
+from shared.broker import redis_client
+
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 # A stage's state in the job record (lower case, as shown in the stage table).
@@ -30,7 +35,8 @@ STAGE_FINISHED = (STAGE_DONE, STAGE_CACHED, STAGE_FAILED, STAGE_CANCELLED)
 PREFIX = "modelyard:job:"
 INDEX = "modelyard:jobs"
 
-# Set the job state unless it is already terminal. KEYS[1] job hash; ARGV state, time, error.
+# Set the job state unless it is already terminal. KEYS[1] job hash; ARGV state, time, error,
+# seconds a finished record is kept.
 _SET_STATE = """
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return 0 end
@@ -39,6 +45,7 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated', ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
 if ARGV[1] == 'SUCCEEDED' or ARGV[1] == 'FAILED' or ARGV[1] == 'CANCELLED' then
   redis.call('HSET', KEYS[1], 'finished', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
 end
 return 1
 """
@@ -89,8 +96,14 @@ def new_job_id() -> str:
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, *, retention_s: float | None = None) -> None:
+        """``retention_s``: how long a finished record is kept (default ``MODELYARD_JOB_RETENTION_DAYS``)."""
+        if retention_s is None:
+            from shared.settings import get_settings
+
+            retention_s = get_settings().job_retention_days * 86400
         self.redis = client
+        self.retention_s = max(1, int(retention_s))
         self._set_state = client.register_script(_SET_STATE)
         self._update_stage = client.register_script(_UPDATE_STAGE)
         self._begin_stage = client.register_script(_BEGIN_STAGE)
@@ -98,10 +111,11 @@ class JobStore:
         self._seen_lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> JobStore:
-        """A job store on the Redis at url; options go to ``redis.Redis`` (e.g. a more patient ``retry``)."""
-        settings = {"socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 30, **options}
-        return cls(redis.Redis.from_url(url, **settings))
+    def from_url(cls, url: str, *, retention_s: float | None = None, **options: Any) -> JobStore:
+        """A job store on the broker's Redis (``shared.broker`` URL forms, sentinel:// too); options go to
+        ``redis.Redis`` (e.g. a more patient ``retry``)."""
+        settings = {"socket_connect_timeout": 5, "socket_timeout": 10, "health_check_interval": 30, **options}
+        return cls(redis_client(url, **settings), retention_s=retention_s)
 
     def create(self, job_id: str, fields: dict[str, Any]) -> None:
         now = time.time()
@@ -151,7 +165,7 @@ class JobStore:
 
     def set_state(self, job_id: str, state: str, error: str = "") -> bool:
         """Move the job to state; False when it was already terminal (or does not exist)."""
-        return bool(self._set_state(keys=[PREFIX + job_id], args=[state, repr(time.time()), error]))
+        return bool(self._set_state(keys=[PREFIX + job_id], args=[state, repr(time.time()), error, self.retention_s]))
 
     def update_stage(self, job_id: str, stage: str, **fields: Any) -> None:
         """Merge fields into one stage's record (each stage/variant owns its own field).
@@ -204,3 +218,7 @@ class JobStore:
 
     def recent(self, limit: int = 50) -> list[str]:
         return [j.decode() for j in self.redis.zrevrange(INDEX, 0, limit - 1)]
+
+    def all_ids(self) -> list[str]:
+        """Every job in the index, oldest first (a record that expired stays listed until ``delete``)."""
+        return [j.decode() for j in self.redis.zrange(INDEX, 0, -1)]

@@ -19,6 +19,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from celery import Celery, chain, chord, group
 from celery.canvas import Signature
@@ -157,6 +158,15 @@ def record(jobs: JobStore, store: ArtifactStore, inputs: JobInputs, queues: dict
     return job_id
 
 
+def uploaded_files(record: dict) -> list[dict]:
+    """Every file a job's record says the producer uploaded (source, samples, data), as FileRef dicts."""
+    files = list((record.get("source") or {}).get("files") or [])
+    for name in ("samples", "gate_samples", "eval_data", "distill_data"):
+        if record.get(name):
+            files.append(record[name])
+    return files
+
+
 def shown(job_id: str, model: str, stage: str, variant: str | None = None, inputs: str = "") -> dict[str, str]:
     """What Flower shows as a stage task's arguments: job, model, stage and variant, never step-key blobs.
 
@@ -168,16 +178,44 @@ def shown(job_id: str, model: str, stage: str, variant: str | None = None, input
 
 def build_chain(app: Celery, spec: JobSpec, job_id: str, queues: dict[str, str]) -> Signature:
     """The job's Celery chain, each stage on the pool ``queues`` (from ``plan``) names."""
+    return chain(*[step for _name, step in _steps(app, spec, job_id, queues)])
+
+
+RESUMABLE = ("compress", "convert", "optimize", "deploy")  # where a chain can start again (optimize: the chord)
+
+
+def resume_chain(app: Celery, spec: JobSpec, job_id: str, queues: dict[str, str], start: str,
+                 given: Any = None) -> Signature:
+    """The rest of the job's chain from stage ``start`` (one of ``RESUMABLE``), which gets ``given``,
+    the output of the stage before it, as its input: what ``worker.redrive`` sends again when a
+    stage's message was lost."""
+    steps = _steps(app, spec, job_id, queues)
+    names = [name for name, _step in steps]
+    if start not in names:
+        raise ValueError(f"job {job_id} has no stage {start} to resume at (stages: {', '.join(names)})")
+    rest = [step for _name, step in steps[names.index(start):]]
+    first = rest[0]
+    if given is not None:
+        if start == "optimize":  # the chord: every variant of its group gets the converted model
+            header = group([task.clone(args=(given,)) for task in first.tasks])
+            first = chord(header, first.body)
+        else:
+            first = first.clone(args=(given,))
+    return chain(first, *rest[1:]) if len(rest) > 1 else first
+
+
+def _steps(app: Celery, spec: JobSpec, job_id: str, queues: dict[str, str]) -> list[tuple[str, Signature]]:
     name = spec.model.name
     common = {"job_id": job_id, "model": name}
     last = "deploy" if spec.deploy else "optimize" if spec.optimize else "convert"
     steps = []
     if spec.compress:  # the student it returns is what convert converts
-        steps.append(app.signature("modelyard.compress", kwargs=common, queue=queues["compress"],
-                                   immutable=True, **shown(job_id, name, "compress")))
-    steps.append(app.signature("modelyard.convert", kwargs={**common, "final": last == "convert"},
-                               queue=queues["convert"], immutable=not spec.compress,
-                               **shown(job_id, name, "convert", inputs="student model" if spec.compress else "")))
+        steps.append(("compress", app.signature("modelyard.compress", kwargs=common, queue=queues["compress"],
+                                                immutable=True, **shown(job_id, name, "compress"))))
+    inputs = "student model" if spec.compress else ""
+    steps.append(("convert", app.signature("modelyard.convert", kwargs={**common, "final": last == "convert"},
+                                           queue=queues["convert"], immutable=not spec.compress,
+                                           **shown(job_id, name, "convert", inputs=inputs))))
     if spec.optimize:
         ids = [BASELINE, *spec.optimize.ids]
         variants = [
@@ -189,8 +227,9 @@ def build_chain(app: Celery, spec: JobSpec, job_id: str, queues: dict[str, str])
         selector = app.signature("modelyard.select", kwargs={**common, "final": last == "optimize"},
                                  queue=queues["select"],
                                  **shown(job_id, name, "select", inputs="built variants: " + ", ".join(ids)))
-        steps.append(chord(group(variants), selector))
+        steps.append(("optimize", chord(group(variants), selector)))
     if spec.deploy:
-        steps.append(app.signature("modelyard.deploy", kwargs={**common, "final": True}, queue=queues["deploy"],
-                                   **shown(job_id, name, "deploy", inputs="selected variant")))
-    return chain(*steps)
+        steps.append(("deploy", app.signature("modelyard.deploy", kwargs={**common, "final": True},
+                                              queue=queues["deploy"],
+                                              **shown(job_id, name, "deploy", inputs="selected variant"))))
+    return steps

@@ -1,7 +1,7 @@
 """What the broker's Redis holds for each queue: waiting messages and reserved (unacked) ones.
 
 Both the producer (``modelyard queues``) and the worker's metrics endpoint count queues, so the
-counting lives here, over a plain Redis client, rather than in either of them.
+counting lives here, over a plain Redis client (``shared.broker.redis_client``), rather than in either of them.
 
 Queue depth follows kombu's Redis transport (5.x): a message for queue ``cpu`` is LPUSHed to the
 list ``cpu`` when its priority maps to the first priority step, else to ``cpu`` + sep + step
@@ -26,13 +26,6 @@ KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
 KOMBU_UNACKED_KEY = "unacked"
 
 
-def redis_client(url: str, *, socket_timeout: float = 10) -> redis.Redis:
-    """A client for a broker URL as Celery takes it (``redis+socket://`` too)."""
-    if url.startswith("redis+socket://"):
-        url = "unix://" + url[len("redis+socket://"):]
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=socket_timeout)
-
-
 def queue_keys(queue: str, transport_options: dict | None = None) -> list[str]:
     """The Redis lists that hold queue's waiting messages, one per priority step, as kombu names them."""
     options = transport_options or {}
@@ -46,6 +39,22 @@ def queue_keys(queue: str, transport_options: dict | None = None) -> list[str]:
     if f"{prefix}{queue}" not in keys:  # priority_steps without 0: kombu still maps 0 to the bare name
         keys.insert(0, f"{prefix}{queue}")
     return keys
+
+
+def class_queues(client: redis.Redis, pools: Iterable[str] = QUEUES,
+                 transport_options: dict | None = None) -> set[str]:
+    """Hardware-class queues (``<pool>.<class>``, ``worker.__main__``) that hold waiting messages."""
+    options = transport_options or {}
+    sep = options.get("sep", KOMBU_SEP)
+    prefix = options.get("global_keyprefix", "") or ""
+    found = set()
+    for pool in pools:
+        for key in client.scan_iter(match=f"{prefix}{pool}.*", count=500):
+            name = (key.decode(errors="replace") if isinstance(key, bytes) else key)[len(prefix):]
+            queue = name.split(sep, 1)[0]
+            if queue.partition(".")[2] and client.type(key) in (b"list", "list"):
+                found.add(queue)
+    return found
 
 
 def queue_depth(client: redis.Redis, queue: str, transport_options: dict | None = None) -> int:

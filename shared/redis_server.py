@@ -49,17 +49,12 @@ class RedisServer:
         return redis.Redis.from_url(self.url)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def start_redis(folder: Path, *, port: int | None = None, password: str | None = None,
-                appendonly: bool = True, timeout: float = 10) -> RedisServer:
+                appendonly: bool = True, timeout: float = 10, extra_config: tuple[str, ...] = ()) -> RedisServer:
+    """``extra_config``: more redis.conf lines (e.g. ``replicaof`` and ``masterauth`` for a replica)."""
     folder.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     password = password or secrets.token_urlsafe(18)
@@ -68,7 +63,7 @@ def start_redis(folder: Path, *, port: int | None = None, password: str | None =
     config.write_text(
         f"port {port}\nbind 127.0.0.1\nrequirepass {password}\ndir {folder}\n"
         f"appendonly {'yes' if appendonly else 'no'}\nsave \"\"\ndaemonize no\n"
-        f"logfile {folder / 'redis.log'}\nprotected-mode yes\n"
+        f"logfile {folder / 'redis.log'}\nprotected-mode yes\n" + "".join(f"{line}\n" for line in extra_config)
     )
     args = [redis_executable(), str(config)]
     process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -86,3 +81,14 @@ def start_redis(folder: Path, *, port: int | None = None, password: str | None =
             log = (folder / "redis.log").read_text()[-2000:] if (folder / "redis.log").exists() else ""
             raise RuntimeError(f"redis-server did not start on port {port}: {log}")
         time.sleep(0.05)
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL after timeout seconds; reaped either way."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

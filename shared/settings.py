@@ -23,7 +23,9 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path("~/.modelyard"), description="State folder of the local stack.")
     broker_url: str | None = Field(
         default=None,
-        description="Redis URL (redis://, rediss://, redis+socket://). Unset: the local stack's.",
+        description="Redis URL (redis://, rediss://, redis+socket://), or Redis Sentinel: "
+        "sentinel://:password@host1:26379;sentinel://host2:26379/0?master_name=NAME (shared/broker.py has the "
+        "options). Unset: the local stack's.",
     )
     artifact_store: str | None = Field(
         default=None, description="file:///path or gs://bucket/prefix. Unset: $MODELYARD_HOME/artifacts."
@@ -46,6 +48,10 @@ class Settings(BaseSettings):
         default=4000, description="Redis redelivery timeout for unacknowledged messages; above the hard limit."
     )
     max_retries: int = Field(default=5, ge=0, description="Retries of a transient failure.")
+    redrive_after_s: int = Field(
+        default=300, ge=0,
+        description="A job QUEUED or RUNNING with no stage running, no message for it in any queue and nothing "
+        "recorded for this long lost a stage's message (worker.redrive): a worker sends that stage again. 0: off.")
     task_events: bool = Field(
         default=False,
         description="Workers send task events from the start. Off by default: publishing them took about 40% "
@@ -53,6 +59,14 @@ class Settings(BaseSettings):
         "5 s) while it runs.",
     )
     lease_ttl_s: int = Field(default=60, ge=5, description="Lifetime of a step lease between renewals.")
+    job_retention_days: float = Field(
+        default=30, gt=0, description="A finished job's record expires from Redis this many days after it ended; "
+        "'modelyard gc' keeps the artifacts of jobs younger than this (its --older-than default)."
+    )
+    gc_grace_s: int = Field(
+        default=3600, ge=0, description="'modelyard gc' never deletes an object written or reused less than this "
+        "many seconds ago (outputs a running step is uploading, inputs a submitter just uploaded)."
+    )
 
     bench_threads: int = Field(default=2, ge=1, description="Intra-op threads when measuring latency.")
     bench_runs: int = Field(default=20, ge=3, description="Timed runs per latency measurement.")

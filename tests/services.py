@@ -42,9 +42,11 @@ class Cluster:
     workers: list[WorkerProcess] = field(default_factory=list)
 
     def start_worker(self, pool: str, name: str, *, concurrency: int = 1,
-                     extra_env: dict | None = None) -> WorkerProcess:
+                     extra_env: dict | None = None, command_prefix: list[str] | None = None) -> WorkerProcess:
+        """``command_prefix`` runs the worker under another command (``prlimit ... --``, a shell that
+        joins a cgroup and execs the rest), which must exec it so that signals reach the worker."""
         log = self.folder / f"worker-{name.replace('@', '-')}.log"
-        args = [sys.executable, "-m", "producer", "worker", "--pool", pool, "--name", name,
+        args = [*(command_prefix or []), sys.executable, "-m", "producer", "worker", "--pool", pool, "--name", name,
                 "--concurrency", str(concurrency)]
         if pool == "gpu":
             args.append("--allow-cpu")

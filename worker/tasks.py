@@ -6,7 +6,9 @@ and passes small JSON results down the chain: step keys, never model bytes.
 
 from __future__ import annotations
 
+import errno
 import logging
+import tempfile
 import time
 from typing import Any
 
@@ -16,7 +18,9 @@ from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded, TimeLimitEx
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from shared.celery_app import configured_broker_url
 from shared.errors import TransientError, UserInputError
+from shared.gc import remember_repository
 from shared.inference.hardware import pool_of_queue
 from shared.jobs import (
     FAILED,
@@ -28,6 +32,7 @@ from shared.jobs import (
     SUCCEEDED,
     JobStore,
 )
+from shared.pipeline import uploaded_files
 from shared.settings import get_settings
 from worker import metrics
 from worker.app import app
@@ -42,7 +47,8 @@ def job_store() -> JobStore:
     global _jobs
     if _jobs is None:  # one connection pool per worker process, made after the fork
         # Patient: a stage rides out a Redis restart of ~15 s instead of failing while it records its state.
-        _jobs = JobStore.from_url(app.conf.broker_url, retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), 10))
+        _jobs = JobStore.from_url(configured_broker_url(app.conf),
+                                  retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), 10))
     return _jobs
 
 
@@ -85,6 +91,15 @@ class StageTask(Task):
         except MemoryError as exc:  # re-raised as is, Celery takes the whole worker down
             raise UserInputError(
                 f"stage {stage} ran out of memory ({exc or 'MemoryError'}); run it on a worker with more memory"
+            ) from None
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            # Not retried: a disk that filled up stays full until someone frees it.
+            where = f" writing {exc.filename}" if exc.filename else ""
+            raise UserInputError(
+                f"stage {stage} ran out of disk space (no space left on device{where}); the worker's scratch "
+                f"space is TMPDIR={tempfile.gettempdir()}: free space there or give the worker a bigger disk"
             ) from None
 
     def retry(self, *args: Any, **kwargs: Any):
@@ -162,8 +177,9 @@ def compress(self: StageTask, *, job_id: str, model: str) -> dict:
 
     def work(ctx: StageContext) -> dict:
         manifest, cached = run_compress(ctx)
-        ctx.jobs.update_stage(job_id, "compress", **_stage_record(manifest, cached))
-        return {"compress_key": manifest.step_key}
+        result = {"compress_key": manifest.step_key}
+        ctx.jobs.update_stage(job_id, "compress", **_stage_record(manifest, cached), output=result)
+        return result
 
     return self.run_stage("compress", job_id, work)
 
@@ -174,8 +190,8 @@ def convert(self: StageTask, compressed: dict | None = None, *, job_id: str, mod
 
     def work(ctx: StageContext) -> dict:
         manifest, cached = run_convert(ctx, (compressed or {}).get("compress_key"))
-        ctx.jobs.update_stage(job_id, "convert", **_stage_record(manifest, cached))
         result = {"model_key": manifest.step_key, "convert_key": manifest.step_key, "variant": None}
+        ctx.jobs.update_stage(job_id, "convert", **_stage_record(manifest, cached), output=result)
         _finish(ctx, final, result)
         return result
 
@@ -216,9 +232,9 @@ def select(self: StageTask, results: list[dict], *, job_id: str, model: str, fin
                               measurement=outcome.measurement, note=message)
         if outcome.failure:
             raise UserInputError(outcome.failure)
-        ctx.jobs.update_stage(job_id, "select", state=STAGE_DONE)
         result = {"model_key": best["step_key"], "convert_key": best["convert_key"], "variant": best["variant"],
                   **({"message": message} if message else {})}
+        ctx.jobs.update_stage(job_id, "select", state=STAGE_DONE, output=result)  # output: worker.redrive's input
         _finish(ctx, final, result)
         return result
 
@@ -234,6 +250,7 @@ def deploy(self: StageTask, chosen: dict, *, job_id: str, model: str, final: boo
         record = ctx.record
         lineage = {
             "source_digest": record["source"]["digest"],
+            "uploads": uploaded_files(record),  # what modelyard gc keeps for this version, with the step keys below
             "variant": chosen.get("variant"),
             "stages": {name: {k: v for k, v in s.items() if k in ("step_key", "metrics", "computed_by")}
                        for name, s in record["stages"].items()},
@@ -245,6 +262,7 @@ def deploy(self: StageTask, chosen: dict, *, job_id: str, model: str, final: boo
             **({"message": chosen["message"]} if chosen.get("message") else {}),
         }
         result = run_deploy(ctx, chosen["model_key"], chosen["convert_key"], lineage)
+        remember_repository(ctx.store, result["repository"])  # modelyard gc keeps the lineage of its versions
         ctx.jobs.update_stage(job_id, "deploy", state=STAGE_DONE, finished=time.time(), **result)
         _finish(ctx, final, {**chosen, **result})
         return result

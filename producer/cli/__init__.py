@@ -7,7 +7,7 @@ groups, in the order their commands are listed in ``modelyard --help``.
 
 from __future__ import annotations
 
-from producer.cli import jobs, operations, plugins, repository, stack  # noqa: F401  (register their commands)
+from producer.cli import gc, jobs, operations, plugins, repository, stack  # noqa: F401  (register their commands)
 from producer.cli.app import app
 
 __all__ = ["app", "main"]

@@ -85,6 +85,11 @@ def submit(
 ) -> None:
     """Validate a job file, upload its model and enqueue its stages."""
     job_id = guard(lambda: api.submit(job_file))
+    unserved = guard(lambda: api.unserved_target(job_file))
+    if unserved:
+        err.print(f"warning: no online worker consumes {unserved} (optimize.target); the job's select stage "
+                  f"waits there until one does: modelyard worker --hardware-class {unserved.split('.', 1)[1]}",
+                  highlight=False)
     if not wait:
         console.print_json(json.dumps({"job_id": job_id})) if as_json else console.print(f"submitted job {job_id}")
         return

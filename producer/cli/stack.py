@@ -64,6 +64,8 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     recycle_after: Annotated[int, typer.Option(min=1, help="gpu pool: replace a worker process after this many "
                                                "tasks, releasing its GPU memory.")] = 20,
+    hardware_class: Annotated[str, typer.Option(help="The class this worker advertises for optimize.target "
+                                                "(default: detected, e.g. cpu-avx512-vnni).")] = "",
 ) -> None:
     """Run a worker for one pool (replaces this process with the Celery worker).
 
@@ -78,5 +80,7 @@ def worker(
         args += ["--name", name]
     if allow_cpu:
         args.append("--allow-cpu")
+    if hardware_class:
+        args += ["--hardware-class", hardware_class]
     sys.stdout.flush()
     os.execv(sys.executable, args)  # python -m worker finds the GPUs, then becomes the Celery worker

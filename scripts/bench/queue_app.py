@@ -22,6 +22,7 @@ import time
 import redis
 from celery import Celery
 
+from shared.broker import redis_client
 from worker.tasks import StageTask, app
 
 
@@ -47,5 +48,5 @@ _bare_client: redis.Redis | None = None
 def noop(*, run: str) -> None:
     global _bare_client
     if _bare_client is None:  # made in the worker's child process, after the fork
-        _bare_client = redis.Redis.from_url(bare.conf.broker_url)
+        _bare_client = redis_client(bare.conf.broker_url)
     _bare_client.incr(done_key(run))

@@ -6,10 +6,19 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from shared.errors import UserInputError
-from shared.storage.base import BLOBS, UPLOADS, ArtifactStore, FileRef, TransferHook, digest_of_files, sha256_file
+from shared.storage.base import (
+    BLOBS,
+    UPLOADS,
+    ArtifactStore,
+    FileRef,
+    StoredObject,
+    TransferHook,
+    digest_of_files,
+    sha256_file,
+)
 
-__all__ = ["BLOBS", "UPLOADS", "ArtifactStore", "FileRef", "TransferHook", "digest_of_files", "open_store",
-           "sha256_file"]
+__all__ = ["BLOBS", "UPLOADS", "ArtifactStore", "FileRef", "StoredObject", "TransferHook", "digest_of_files",
+           "open_store", "sha256_file"]
 
 
 def open_store(uri: str, *, base: Path | None = None) -> ArtifactStore:

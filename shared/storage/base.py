@@ -16,6 +16,12 @@ Producer uploads live under their own prefix, so an operator can let submitters 
 Transfers can be observed (a worker counts the bytes it moves for its metrics) through the
 store's ``on_transfer`` hook, which the base class calls for every backend; nothing patches a
 backend's raw methods.
+
+Garbage collection (``shared.gc``) lists objects with their size, age and generation
+(``list_objects``) and deletes one only if it is unchanged since it was listed
+(``delete_if_unchanged``). ``put_file`` *touches* a blob it finds already stored (a new
+modification time on file://, a metadata write on gs://), so a sweep running beside it keeps a
+blob that a step is about to reference instead of deleting it under the step.
 """
 
 from __future__ import annotations
@@ -83,6 +89,17 @@ BLOBS, UPLOADS = "blobs", "uploads"
 AREAS = (BLOBS, UPLOADS)
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    """One object as a listing saw it: what a conditional delete compares against."""
+
+    key: str
+    size: int
+    updated: float  # seconds since the epoch: last written or touched
+    generation: int  # GCS generation; the modification time in ns on file://
+    metageneration: int = 0  # GCS only: bumped by a touch (a metadata write)
+
+
 def blob_key(digest: str, area: str = BLOBS) -> str:
     return f"{area}/sha256/{digest[:2]}/{digest}"
 
@@ -144,6 +161,19 @@ class ArtifactStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None: ...
 
+    @abstractmethod
+    def list_objects(self, prefix: str) -> Iterator[StoredObject]:
+        """Objects under prefix with size, last write (or touch) and generation; no order promised."""
+
+    @abstractmethod
+    def delete_if_unchanged(self, seen: StoredObject) -> bool:
+        """Delete the object only if it is still the one ``seen`` describes (same generation, not
+        touched since); False when it changed or is gone."""
+
+    def touch(self, key: str) -> bool:
+        """Mark an existing object as just used, so a concurrent sweep keeps it; False if it is absent."""
+        return self.exists(key)
+
     def _transferred(self, direction: Direction, path: Path) -> None:
         """Report a finished transfer of path's bytes to the on_transfer hook, if one is set."""
         hook = self.on_transfer
@@ -197,7 +227,7 @@ class ArtifactStore(ABC):
         source = Path(source)
         digest = sha256_file(source)
         key = blob_key(digest, area)
-        if not self.exists(key):
+        if not self.touch(key):
             self._upload(key, source)
             self._transferred("uploaded", source)
         return FileRef(path=path or source.name, digest=digest, size=source.stat().st_size, area=area)

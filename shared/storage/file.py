@@ -3,6 +3,10 @@
 Whole objects appear by ``os.replace`` of a finished temporary file (atomic on POSIX), and
 compare-and-swap writes hold an exclusive ``flock`` on a sidecar lock file, so several
 worker processes on one host, or on hosts sharing the folder over NFS, can share it.
+
+A touch (``put_file`` finding its blob stored) sets the file's modification time under a
+shared lock on ``.gc.lock`` in the root; a sweep's ``delete_if_unchanged`` compares the time and
+unlinks under the exclusive lock, so a blob touched after it was listed is never deleted.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from shared.errors import NotFound, PreconditionFailed
-from shared.storage.base import ArtifactStore, safe_relative
+from shared.storage.base import ArtifactStore, StoredObject, safe_relative
+
+GC_LOCK = ".gc.lock"
 
 
 class FileStore(ArtifactStore):
@@ -115,3 +121,39 @@ class FileStore(ArtifactStore):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    @contextmanager
+    def _gc_lock(self, mode: int) -> Iterator[None]:
+        with open(self.root / GC_LOCK, "a") as lock:
+            fcntl.flock(lock, mode)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def list_objects(self, prefix: str) -> Iterator[StoredObject]:
+        for key in self.list(prefix):
+            try:
+                stat = self._path(key).stat()
+            except FileNotFoundError:  # deleted since it was listed
+                continue
+            yield StoredObject(key=key, size=stat.st_size, updated=stat.st_mtime, generation=stat.st_mtime_ns)
+
+    def delete_if_unchanged(self, seen: StoredObject) -> bool:
+        path = self._path(seen.key)
+        with self._gc_lock(fcntl.LOCK_EX):
+            try:
+                if path.stat().st_mtime_ns != seen.generation:
+                    return False
+                path.unlink()
+            except FileNotFoundError:
+                return False
+        return True
+
+    def touch(self, key: str) -> bool:
+        with self._gc_lock(fcntl.LOCK_SH):
+            try:
+                os.utime(self._path(key))
+            except FileNotFoundError:
+                return False
+        return True

@@ -15,6 +15,12 @@ credentials); set but empty, it is ignored and the real service is used. The pro
 ``MODELYARD_GCS_PROJECT``, else the credentials' own (``google.auth.default()``).
 ``MODELYARD_GCS_CREATE_BUCKET=1`` creates a missing bucket (tests, local use).
 
+Garbage collection: a touch (``put_file`` finding its blob stored) writes the object's
+``modelyard-used`` metadata (the time; a new metageneration), and ``delete_if_unchanged``
+deletes with ``if_generation_match`` and ``if_metageneration_match`` set to what the listing saw,
+so an object rewritten or touched after it was listed is not deleted. (The emulator accepts
+these preconditions without enforcing them.)
+
 The client holds an HTTP connection pool: open the store in the process that uses it (for
 Celery prefork workers, inside the task or child process, not in the parent before forking).
 """
@@ -40,7 +46,9 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 
 from shared.errors import IntegrityError, NotFound, PreconditionFailed, TransientError, UserInputError
 from shared.settings import get_settings
-from shared.storage.base import ArtifactStore, safe_relative
+from shared.storage.base import ArtifactStore, StoredObject, safe_relative
+
+USED = "modelyard-used"  # metadata: when put_file last found the object already stored
 
 CREATE_BUCKET_ENV = "MODELYARD_GCS_CREATE_BUCKET"
 DOWNLOAD_READ = 2**20  # bytes per read of a streamed download
@@ -286,6 +294,38 @@ class GCSStore(ArtifactStore):
                 self.bucket.blob(self._name(key)).delete()
         except NotFound:
             pass
+
+    def list_objects(self, prefix: str) -> Iterator[StoredObject]:
+        start = len(self._root)
+        with self._errors(prefix):
+            for blob in self.client.list_blobs(self.bucket, prefix=self._root + prefix):
+                updated = blob.updated.timestamp() if blob.updated else 0.0
+                used = (blob.metadata or {}).get(USED, "")
+                if used.replace(".", "", 1).isdigit():  # GCS moves `updated` on a metadata write; the emulator does not
+                    updated = max(updated, float(used))
+                yield StoredObject(key=blob.name[start:], size=int(blob.size or 0), updated=updated,
+                                   generation=int(blob.generation), metageneration=int(blob.metageneration or 0))
+
+    def delete_if_unchanged(self, seen: StoredObject) -> bool:
+        blob = self.bucket.blob(self._name(seen.key))
+        try:
+            with self._errors(seen.key):
+                blob.delete(if_generation_match=seen.generation, if_metageneration_match=seen.metageneration)
+        except (NotFound, PreconditionFailed):
+            return False
+        return True
+
+    def touch(self, key: str) -> bool:
+        blob = self.bucket.blob(self._name(key))
+        blob.metadata = {USED: f"{time.time():.3f}"}
+        try:
+            with self._errors(key):
+                blob.patch()
+        except NotFound:
+            return False
+        except api_exceptions.Forbidden:  # a submitter allowed to create objects but not to update them
+            return self.exists(key)
+        return True
 
 
 def _crc32c_b64(path: Path) -> str:

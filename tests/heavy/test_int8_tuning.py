@@ -93,8 +93,12 @@ def test_the_weight_range_is_chosen_by_measurement_where_the_kernel_saturates(sa
     measured = {entry["recipe"]: entry["fit"]["cosine_min"] for entry in report["recipes"]}
     assert {"int8", "int8 7-bit"} <= set(measured), "both int8 ranges are measured"
     chosen = "int8 7-bit" if meta["modelyard.int8.reduce_range"] == "True" else meta["modelyard.int8.weight_type"]
-    if cpu_isa().int32_dot_products:  # VNNI / AMX / ARM: nothing saturates, the 8 bits are kept
+    if cpu_isa().int32_dot_products and optimizer == "int8-dynamic":  # VNNI / AMX / ARM: the 8 bits are kept
         assert chosen == "int8" and meta["modelyard.int8.saturation"].startswith("not detected")
+    elif cpu_isa().int32_dot_products:  # static QDQ: ONNX Runtime's kernel may still sum pairs in int16 here
+        saturated = meta["modelyard.int8.saturation"].startswith("detected")
+        print(f"\n{optimizer} on {cpu_isa().label}: {meta['modelyard.int8.saturation']}; chose {chosen}")
+        assert (chosen in ("int8 7-bit", "uint8")) == saturated  # the choice follows the measurement
     else:  # AVX2 without VNNI: 8-bit weights overflow, the measurement picks 7-bit (or uint8)
         assert measured["int8"] < 0.995 < measured["int8 7-bit"]
         assert chosen in ("int8 7-bit", "uint8")

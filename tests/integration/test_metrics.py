@@ -18,8 +18,8 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from shared.broker import redis_client
 from shared.celery_app import make_celery
-from shared.queues import redis_client
 from shared.redis_server import free_port
 from shared.settings import Settings
 from tests.services import ROOT

@@ -159,6 +159,9 @@ def test_optimize_target_times_the_variants_on_a_worker_of_that_class_which_work
     assert all(row["hardware_class"] == target for row in select["table"])
     [worker] = operations.workers_report(api._celery(api.broker_url()), timeout=2.0)
     assert worker["hardware_class"] == target and f"cpu.{target}" in worker["queues"]
+    assert api.unserved_target(stack.folder / "target.yaml") is None
+    (stack.folder / "nobody.yaml").write_text(tiny(stack) + "optimize: {variants: [fp16], target: cpu-nobody}\n")
+    assert api.unserved_target(stack.folder / "nobody.yaml") == "cpu.cpu-nobody"  # the CLI warns at submit
 
 
 # -- a CPU burner beside the stack ---------------------------------------------------------------

@@ -15,8 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-import redis
-
+from shared.broker import redis_client
 from shared.settings import get_settings
 from worker.plugins.base import Optimizer, OptimizeRequest, Param
 
@@ -29,7 +28,7 @@ class GpuProbe(Optimizer):
     params = {"seconds": Param(float, 1.0, "how long to hold the worker process", min=0.0)}
 
     def optimize(self, request: OptimizeRequest) -> Path:
-        client = redis.Redis.from_url(get_settings().resolved_broker_url())
+        client = redis_client(get_settings().resolved_broker_url())
         try:
             client.rpush(PROBES, json.dumps({"pid": os.getpid(),
                                              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}))

@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import redis
 
+from shared.broker import redis_client
 from shared.settings import get_settings
 from worker.plugins.base import Optimizer, OptimizeRequest, Param
 
@@ -29,7 +29,7 @@ class RowRecorder(Optimizer):
         first = np.asarray(next(iter(request.samples.values())))
         entry = {"first": first.reshape(len(first), -1)[:, 0].tolist(), "reference": sorted(request.reference),
                  "reference_rows": [len(v) for v in request.reference.values()], "gate": request.gate}
-        client = redis.Redis.from_url(get_settings().resolved_broker_url())
+        client = redis_client(get_settings().resolved_broker_url())
         try:
             client.rpush(ROWS + request.params["tag"], json.dumps(entry))
         finally:

@@ -81,8 +81,10 @@ class Stack:
         return JobStore.from_url(self.redis.url)
 
     def start_worker(self, pool: str = "cpu", name: str = "cpu1", *, concurrency: int = 1,
-                     env: dict | None = None, wait: bool = True) -> WorkerProcess:
-        worker = self.cluster.start_worker(pool, f"{name}@{HOST}", concurrency=concurrency, extra_env=env)
+                     env: dict | None = None, wait: bool = True,
+                     command_prefix: list[str] | None = None) -> WorkerProcess:
+        worker = self.cluster.start_worker(pool, f"{name}@{HOST}", concurrency=concurrency, extra_env=env,
+                                           command_prefix=command_prefix)
         if wait:
             self.cluster.wait_online([worker.name])
         return worker
@@ -200,3 +202,14 @@ def bubblewrap():
         if os.environ.get("CI"):
             pytest.fail("bubblewrap is not installed (scripts/test.sh installs it)")
         pytest.skip("bubblewrap is not installed")
+
+
+def wait_for_runs(stack, model: str, count: int, timeout: float = 60) -> list[dict]:
+    """The fault plugin's recorded stage starts of model, once there are count of them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = stack.runs(model)
+        if len(runs) >= count:
+            return runs
+        time.sleep(0.1)
+    raise AssertionError(f"{model}: {count} stage starts expected within {timeout} s, saw {stack.runs(model)}")

@@ -15,19 +15,9 @@ import time
 import pytest
 
 from shared.repository import ModelRepository
-from tests.reliability.conftest import fault_job, report
+from tests.reliability.conftest import fault_job, report, wait_for_runs
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
-
-
-def wait_for_runs(stack, model: str, count: int, timeout: float = 60) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        runs = stack.runs(model)
-        if len(runs) >= count:
-            return runs
-        time.sleep(0.1)
-    raise AssertionError(f"{model}: {count} stage starts expected within {timeout} s, saw {stack.runs(model)}")
 
 
 def test_kill_9_of_a_worker_child_mid_convert_redelivers_the_stage_and_deploys_exactly_once(make_stack, tmp_path):

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from shared.broker import parse_sentinel
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -89,12 +91,36 @@ def rendered(env: dict[str, str] | None = None, *profiles: str) -> dict:
 def test_every_service_has_a_healthcheck_and_serve_is_a_profile():
     services = rendered({}, "serve")
     assert set(services) == {"redis", "gcs", "flower", "worker-cpu", "worker-gpu", "serve"}
-    for name, service in services.items():
+    for name, service in {**services, **rendered({}, "sentinel")}.items():
         assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     assert "serve" not in rendered({})  # only with --profile serve
     serve = services["serve"]
     assert serve["command"][:2] == ["serve", "minilm"] and "0.0.0.0" in serve["command"]
     assert "/v2/health/ready" in " ".join(serve["healthcheck"]["test"])
+
+
+SENTINELS = ("redis-sentinel-1", "redis-sentinel-2", "redis-sentinel-3")
+# The broker URL the file's header tells operators to set with --profile sentinel (also in the README).
+SENTINEL_URL = ("sentinel://:secret-r@redis-sentinel-1:26379;sentinel://redis-sentinel-2:26379;"
+                "sentinel://redis-sentinel-3:26379/0?master_name=modelyard&sentinel_password=secret-r")
+
+
+def test_the_sentinel_profile_adds_a_replica_and_three_sentinels_watching_redis():
+    assert not {"redis-replica", *SENTINELS} & set(rendered({}))  # only with --profile sentinel
+    services = rendered({"MODELYARD_BROKER_URL": SENTINEL_URL}, "sentinel")
+    replica = " ".join(services["redis-replica"]["command"])
+    assert "--replicaof redis 6379" in replica and "--masterauth secret-r" in replica
+    assert "--masterauth secret-r" in " ".join(services["redis"]["command"])  # it may become a replica itself
+    parsed = parse_sentinel(services["worker-cpu"]["environment"]["MODELYARD_BROKER_URL"])
+    assert [host for host, _port in parsed.sentinels] == list(SENTINELS)
+    for name in SENTINELS:
+        script = services[name]["command"][0]
+        assert f"sentinel monitor {parsed.master_name} redis 6379 2" in script, name
+        assert "requirepass $$REDIS_PASSWORD" in script and "sentinel resolve-hostnames yes" in script
+        assert services[name]["hostname"] == name and "ckquorum" in " ".join(services[name]["healthcheck"]["test"])
+    for name in ("flower", "worker-cpu", "worker-gpu"):
+        assert services[name]["environment"]["MODELYARD_BROKER_URL"] == SENTINEL_URL, name
+    assert rendered({})["worker-cpu"]["environment"]["MODELYARD_BROKER_URL"] == "redis://:secret-r@redis:6379/0"
 
 
 def test_the_modelyard_services_share_one_image_and_the_emulator_is_not_in_it():

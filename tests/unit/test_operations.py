@@ -12,6 +12,7 @@ import producer.cli.operations  # noqa: F401  registers the commands (producer.c
 from producer import api, operations
 from producer.cli import app
 from shared import queues
+from shared.broker import redis_client
 from shared.celery_app import make_celery
 from shared.jobs import FAILED, INDEX, PREFIX, RUNNING, SUCCEEDED, JobStore
 from shared.redis_server import free_port
@@ -27,15 +28,15 @@ def url(redis_server, monkeypatch, tmp_path):
     monkeypatch.setenv("MODELYARD_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MODELYARD_ARTIFACT_STORE", (tmp_path / "artifacts").as_uri())
     get_settings.cache_clear()
-    queues.redis_client(url).flushdb()
+    redis_client(url).flushdb()
     yield url
-    queues.redis_client(url).flushdb()
+    redis_client(url).flushdb()
     get_settings.cache_clear()
 
 
 @pytest.fixture
 def client(url):
-    return queues.redis_client(url)
+    return redis_client(url)
 
 
 def run(*args: str):
@@ -93,6 +94,17 @@ def test_queues_json_with_no_worker_online(client):
     ]
     table = run("queues", "--timeout", "0.2")
     assert table.exit_code == 0 and "cpu" in table.output and "gpu" in table.output
+
+
+def test_class_queues_are_listed_when_consumed_or_holding_messages(client):
+    """A job whose optimize.target no online worker serves shows as a class queue with messages and no consumer."""
+    client.lpush("cpu.cpu-avx512-vnni\x06\x163", "select")
+    client.set("cpu.not-a-list", "x")
+    active = {"cpu@a": [{"name": "cpu"}, {"name": "cpu.cpu-avx2"}]}
+    rows = operations.queue_report(client, active_queues=active)
+    assert [row["queue"] for row in rows] == ["cpu", "gpu", "cpu.cpu-avx2", "cpu.cpu-avx512-vnni"]
+    assert rows[2] == {"queue": "cpu.cpu-avx2", "depth": 0, "unacked": 0, "consumers": 1, "workers": ["cpu@a"]}
+    assert rows[3] == {"queue": "cpu.cpu-avx512-vnni", "depth": 1, "unacked": 0, "consumers": 0, "workers": []}
 
 
 def test_consumers_come_from_active_queues():

@@ -37,8 +37,9 @@ import redis
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from shared.broker import redis_client
 from shared.celery_app import QUEUES
-from shared.queues import queue_depth, redis_client, unacked_counts
+from shared.queues import queue_depth, unacked_counts
 
 log = logging.getLogger("modelyard.metrics")
 
@@ -100,7 +101,7 @@ class QueueCollector:
 
     def _redis(self) -> redis.Redis:
         if self._client is None:
-            self._client = redis_client(self.broker_url, socket_timeout=self.timeout)
+            self._client = redis_client(self.broker_url, socket_connect_timeout=5, socket_timeout=self.timeout)
         return self._client
 
     def collect(self) -> Iterator[Metric]:

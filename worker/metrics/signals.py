@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import signals
 
+from shared.celery_app import configured_broker_url
 from worker.metrics import server
 
 log = logging.getLogger("modelyard.metrics")
@@ -39,7 +40,7 @@ def _on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
     try:
         app = getattr(sender, "app", None)
         conf = app.conf if app is not None else None
-        addr, port = server.start(conf.broker_url if conf else None,
+        addr, port = server.start(configured_broker_url(conf) if conf else None,
                                   dict(conf.broker_transport_options or {}) if conf else None)
         log.info("metrics on http://%s:%d/metrics", addr, port)
     except Exception:

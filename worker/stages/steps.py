@@ -4,6 +4,10 @@ Computing happens in a per-task temporary folder; outputs are uploaded by conten
 manifest is written last. A Redis lease on the step key keeps two workers from computing the
 same step at once (a redelivered message while the first copy still runs); the lease is
 renewed in the background while the step runs and expires by itself if the worker dies.
+
+A cached manifest is used only after ``touch`` marked it as just used: ``modelyard gc`` deletes
+an object only if it is unchanged since its listing, so either the sweep leaves the manifest
+(and its files) alone, or it deleted it first and the step is computed again.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import TransientError
-from shared.manifest import Manifest, step_key
+from shared.manifest import Manifest, manifest_key, step_key
 from worker import metrics
 from worker.context import StageContext
 
@@ -104,12 +108,12 @@ def run_step(
     """The step's manifest and whether it came from the cache."""
     key = step_key(stage=stage, input_digest=input_digest, params=params, tools=tools)
     cached = ctx.load_manifest(key)
-    if cached is not None:
+    if cached is not None and ctx.store.touch(manifest_key(key)):
         metrics.cache_lookup(stage, hit=True)
         return cached, True
     with step_lease(ctx, key):
         cached = ctx.load_manifest(key)  # computed by whoever held the lease before us
-        if cached is not None:
+        if cached is not None and ctx.store.touch(manifest_key(key)):
             metrics.cache_lookup(stage, hit=True)
             return cached, True
         metrics.cache_lookup(stage, hit=False)

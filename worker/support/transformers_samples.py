@@ -7,14 +7,14 @@ pooled tasks each line is one row, padded to the longest (``line_rows``: the gra
 padding).
 
 When the job gives none: if the folder has a tokenizer, rows of real English text with no
-padding (each row is ``SENTENCES`` concatenated to exactly ``sequence`` tokens, framed by the
-tokenizer's special tokens), so the attention mask is all ones and every position the fidelity
-check compares is a real token; otherwise random token ids drawn with ``convert.samples.seed``.
+padding (``SENTENCES`` in turn, cut into rows of exactly ``sequence`` tokens framed by the
+tokenizer's special tokens, no sentence in two rows while there are sentences left), so the
+attention mask is all ones and every position the fidelity check compares is a real token;
+otherwise random token ids drawn with ``convert.samples.seed``.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,6 +71,53 @@ SENTENCES = [
     "Astronomers detected water vapor in the atmosphere of a distant exoplanet.",
     "Wait, did you remember to lock the back door before we left?",
     "The factory will cut three hundred jobs as demand for coal declines.",
+    "Our neighbours adopted a three-legged cat from the shelter last spring.",
+    "The patient's blood pressure dropped sharply after the second dose.",
+    "The airline posted its first annual profit since the pandemic began.",
+    "If the printer jams again, open the rear tray and remove the crumpled sheet.",
+    "The violinist practised the same four bars for an entire afternoon.",
+    "Honeybees navigate by the position of the sun, even on cloudy days.",
+    "The landlord promised to fix the leaking roof before winter arrives.",
+    "Can we move tomorrow's meeting to half past three instead?",
+    "The novel follows two sisters who run a bakery in post-war Naples.",
+    "Sea levels along the eastern seaboard are rising faster than the global average.",
+    "A stray dog followed the postman along his entire morning round.",
+    "The firmware update drains the battery overnight, according to several users.",
+    "Archaeologists uncovered a Roman mosaic beneath a car park in the town centre.",
+    "Knead the dough for ten minutes, then leave it to rise in a warm place.",
+    "The referee showed a red card after the defender's reckless tackle.",
+    "Most of the village lost power when the storm brought down the lines.",
+    "I'd rather take the scenic route, even if it adds an hour to the trip.",
+    "The vaccine trial enrolled more than thirty thousand volunteers on four continents.",
+    "Why does the app log me out every time I switch to another window?",
+    "The ancient olive trees on the hillside are older than the monastery itself.",
+    "Our quarterly revenue exceeded expectations thanks to strong holiday sales.",
+    "The toddler insisted on wearing rain boots to the birthday party.",
+    "Compilers translate source code into instructions the processor can execute.",
+    "The ferry to the island runs twice a day except on public holidays.",
+    "She finished the marathon in under four hours despite a sprained ankle.",
+    "Customs officers seized two tonnes of counterfeit medicine at the port.",
+    "The soup tasted bland, so we added a squeeze of lemon and some chilli.",
+    "A cold front will bring frost to the northern valleys by Thursday night.",
+    "Volunteers repainted the community hall in bright yellow over one weekend.",
+    "Investors worry that rising wages will push inflation above the target.",
+    "The kitten knocked a glass of water onto my laptop keyboard.",
+    "Parliament approved the budget after a debate that lasted until dawn.",
+    "Replace the air filter every six months to keep the engine efficient.",
+    "The documentary explores how coral reefs recover after bleaching events.",
+    "Our train was cancelled, so we shared a taxi with a couple from Leeds.",
+    "A small bakery near the station runs out of croissants before eight o'clock.",
+    "Researchers trained the robot to fold towels by watching human videos.",
+    "Is it safe to drink tap water in this part of the country?",
+    "The choir rehearsed in the cathedral, where every note echoed for seconds.",
+    "Wildfires have burned more than a million acres across the region this summer.",
+    "The manager thanked the staff for staying late during the inventory count.",
+    "Lightning struck the old oak tree, splitting its trunk down the middle.",
+    "My sister is learning to play the cello at the age of fifty.",
+    "The software crashes whenever the file name contains an accented letter.",
+    "Migrating geese stop at the lake every October on their way south.",
+    "The jury deliberated for three days before reaching a unanimous verdict.",
+    "Fresh snow closed the mountain pass, stranding dozens of lorries overnight.",
 ]
 
 
@@ -171,23 +218,24 @@ def line_rows(tokenizer, lines: list[str], sequence: int, input_names: list[str]
 
 
 def sentence_ids(tokenizer, batch: int, sequence: int, sentences: Sequence[str] = SENTENCES) -> np.ndarray:
-    """batch rows of exactly `sequence` real tokens: [CLS] sentence sentence ... [SEP], no padding."""
-    encoded = [tokenizer.encode(text, add_special_tokens=False) for text in sentences]
-    encoded = [ids for ids in encoded if ids]
+    """batch rows of exactly `sequence` real tokens: [CLS] sentence sentence ... [SEP], no padding.
+
+    The rows take whole sentences in turn, each row starting with the sentence after the one the
+    previous row ended on, so no sentence is in two rows until all are used: the rows the optimize
+    stage holds out for the gate (``worker.stages.holdout``) share no sentence with the rows a
+    plugin calibrates on. Only a batch needing more than the sentences' ~1,500 tokens starts over.
+    """
+    encoded = [ids for ids in (tokenizer.encode(text, add_special_tokens=False) for text in sentences) if ids]
+    if not encoded:
+        raise UserInputError("the tokenizer encodes the built-in sample sentences to nothing")
     head, tail = _frame(tokenizer, sequence)
-    body = sequence - len(head) - len(tail)
-    count = len(encoded)
-    stride = max(1, count // max(batch, 1))
-    while math.gcd(stride, count) != 1:  # coprime: the first `count` rows start at distinct sentences
-        stride += 1
-    rows = []
-    for row in range(batch):
+    body = max(sequence - len(head) - len(tail), 0)
+    rows, cursor = [], 0
+    for _row in range(batch):
         tokens: list[int] = []
-        i = row * stride
-        while len(tokens) < body + row // count:
-            tokens.extend(encoded[i % count])
-            i += 1
-        tokens = tokens[row // count :]  # rows past the list's length also shift by a token
+        while len(tokens) < body:  # whole sentences; the last one cut at the row's end, its rest unused
+            tokens.extend(encoded[cursor % len(encoded)])
+            cursor += 1
         rows.append(head + tokens[:body] + tail)
     return np.asarray(rows, dtype=np.int64)
 
