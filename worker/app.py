@@ -19,6 +19,14 @@ app = make_celery(get_settings())
 app.autodiscover_tasks(["worker"], related_name="tasks", force=True)
 
 
+@signals.worker_process_init.connect(weak=False)
+def prestart_sandboxes(**_kwargs: Any) -> None:
+    """Each pool process keeps its next model-load sandbox started (``worker.sandbox.warm``)."""
+    from worker.sandbox import warm
+
+    warm.enable()
+
+
 @signals.worker_ready.connect(weak=False)
 def start_redrive(sender: Any = None, **_kwargs: Any) -> None:
     """The main process's scan for jobs whose next stage's message was lost (``worker.redrive``)."""

@@ -9,22 +9,27 @@ Two conversions, each with the convert stage's own call (``worker.sandbox.conver
 * minilm: all-MiniLM-L6-v2 (format hf-transformers: torch load, ONNX export, torch reference on
   batch 2 x sequence 64).
 
-Rounds alternate the two modes (sandbox, off, off, sandbox, ...) so that a busy machine weighs on
-both alike. The unsandboxed side is warmed up once before timing, as in a worker process that
-already converted a model (torch, transformers and ONNX Runtime imported); a sandboxed convert
-always starts a fresh interpreter, which is the cost being measured. Figures: seconds per
-convert (median, min–max) and the seconds the sandbox adds (median of the paired differences),
-with the sandbox's own figures: time inside the child and peak memory of everything in it.
+Three modes per round, order alternating (cold, warm, off, then off, warm, cold) so that a busy
+machine weighs on all alike: a sandbox started for the convert (cold: a worker's first), the
+sandbox a worker process starts after a convert (``worker.sandbox.warm``: frameworks imported
+before the model arrives; given ``WARM_UP_S`` first, as between jobs), and no sandbox. The
+unsandboxed side is warmed up once before timing, as in a worker process that already converted
+a model. Figures: seconds per convert (median, min–max) and the seconds each sandbox adds
+(median of the paired differences), with the sandbox's own figures: time inside the child and
+peak memory of everything in it.
 """
 
 from __future__ import annotations
 
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import common
 from common import Stat
+
+WARM_UP_S = 8  # seconds a warm sandbox is given to import before its convert arrives
 
 
 def small_onnx(path: Path) -> Path:
@@ -79,7 +84,7 @@ def main() -> None:
 
     from shared.jobspec import parse_job
     from shared.settings import Settings
-    from worker.sandbox import sandbox_status
+    from worker.sandbox import sandbox_status, warm
 
     modes = {"bwrap": Settings(sandbox="bwrap", bench_threads=args.threads),
              "off": Settings(sandbox="off", bench_threads=args.threads)}
@@ -87,29 +92,43 @@ def main() -> None:
     if not status.works:
         raise SystemExit(f"the sandbox does not work here: {status.problem}")
     report.log(f"sandbox check: {status.seconds:.2f} s")
-    report.table(["model", "sandbox (s)", "off (s)", "added (s)", "ratio", "inside child (s)", "sandbox peak (MB)"])
+    report.table(["model", "cold sandbox (s)", "warm sandbox (s)", "off (s)", "added cold (s)", "added warm (s)",
+                  "inside child, cold / warm (s)", "sandbox peak (MB)"])
     with tempfile.TemporaryDirectory(prefix="modelyard-sandbox-bench-") as tmp:
         tmp = Path(tmp)
         for name, (text, source) in cases(tmp).items():
             spec = parse_job(text)
             convert_once(spec, source, tmp, modes["off"])  # warm: the worker process has converted before
-            times: dict[str, list[float]] = {"bwrap": [], "off": []}
-            inside, peak = [], []
+            times: dict[str, list[float]] = {"cold": [], "warm": [], "off": []}
+            inside: dict[str, list[float]] = {"cold": [], "warm": []}
+            peak = []
             for rep in range(args.reps):
-                for mode in (("bwrap", "off") if rep % 2 == 0 else ("off", "bwrap")):
-                    seconds, record = convert_once(spec, source, tmp, modes[mode])
+                order = ("cold", "warm", "off") if rep % 2 == 0 else ("off", "warm", "cold")
+                for mode in order:
+                    if mode == "warm":  # a worker between jobs: the next sandbox started, given time to import
+                        warm.enable()
+                        warm.prestart(modes["bwrap"])
+                        time.sleep(WARM_UP_S)
+                    seconds, record = convert_once(spec, source, tmp, modes["off" if mode == "off" else "bwrap"])
+                    warm.disable()  # the cold side always starts its own sandbox
                     times[mode].append(seconds)
-                    if mode == "bwrap":
-                        inside.append(record["load_s"])
+                    if mode != "off":
+                        assert record["warm"] == (mode == "warm"), record
+                        inside[mode].append(record["load_s"])
                         peak.append(record["max_rss_mb"])
-                report.log(f"{name} round {rep + 1}: sandbox {times['bwrap'][-1]:.2f} s, off {times['off'][-1]:.2f} s")
-            added = Stat([b - o for b, o in zip(times["bwrap"], times["off"])])
-            sandbox, off = Stat(times["bwrap"]), Stat(times["off"])
-            report.row(name, sandbox.show(), off.show(), added.show(), f"{sandbox.median / off.median:.1f}x",
-                       f"{statistics.median(inside):.2f}", f"{max(peak):.0f}")
-            report.data[name] = {"sandbox": sandbox.to_dict(), "off": off.to_dict(), "added": added.to_dict(),
+                report.log(f"{name} round {rep + 1}: cold {times['cold'][-1]:.2f} s, warm {times['warm'][-1]:.2f} s, "
+                           f"off {times['off'][-1]:.2f} s")
+            stats = {mode: Stat(values) for mode, values in times.items()}
+            added = {mode: Stat([b - o for b, o in zip(times[mode], times["off"])]) for mode in ("cold", "warm")}
+            report.row(name, stats["cold"].show(), stats["warm"].show(), stats["off"].show(), added["cold"].show(),
+                       added["warm"].show(),
+                       f"{statistics.median(inside['cold']):.2f} / {statistics.median(inside['warm']):.2f}",
+                       f"{max(peak):.0f}")
+            report.data[name] = {**{mode: stat.to_dict() for mode, stat in stats.items()},
+                                 **{f"added_{mode}": stat.to_dict() for mode, stat in added.items()},
                                  "inside_child_s": inside, "peak_mb": peak}
-    report.notes.append("added = median of per-round (sandbox - off); the off side is a warm worker process")
+    report.notes.append("added = median of per-round (sandbox - off); the off side is a warm worker process; "
+                        f"warm: the sandbox a worker starts after a convert, given {WARM_UP_S} s to import first")
     report.finish()
 
 

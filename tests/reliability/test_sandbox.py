@@ -42,8 +42,11 @@ def everything_in_redis(client) -> str:
     return b"\n".join(parts).decode(errors="replace")
 
 
+@pytest.mark.parametrize("sandbox", ["cold", "warm"])
 def test_a_model_that_attacks_the_worker_gets_nothing_and_the_worker_serves_the_next_job(bubblewrap, make_stack,
-                                                                                          tmp_path):
+                                                                                          tmp_path, sandbox):
+    """cold: the attack is the worker's first convert (a sandbox started for it); warm: a convert ran
+    before, so the attack gets the sandbox the worker started in advance (worker.sandbox.warm)."""
     token = uuid.uuid4().hex
     credentials = tmp_path / "secrets" / "gcs-credentials.json"
     credentials.parent.mkdir()
@@ -67,7 +70,12 @@ def test_a_model_that_attacks_the_worker_gets_nothing_and_the_worker_serves_the_
     tiny_onnx(tmp_path / "after.onnx", seed=5)
     (tmp_path / "after.yaml").write_text("model: {name: after, source: ./after.onnx, format: onnx}\n"
                                          "convert: {samples: {batch: 2}}\n")
+    tiny_onnx(tmp_path / "before.onnx", seed=7)
+    (tmp_path / "before.yaml").write_text("model: {name: before, source: ./before.onnx, format: onnx}\n"
+                                          "convert: {samples: {batch: 2}}\n")
     try:
+        if sandbox == "warm":
+            assert stack.wait(stack.submit(tmp_path / "before.yaml"), timeout=180)["state"] == "SUCCEEDED"
         attacked = stack.wait(stack.submit(tmp_path / "evil.yaml"), timeout=180)
         after = stack.wait(stack.submit(tmp_path / "after.yaml"), timeout=180)
         markers_left = [str(m) for m in markers if m.exists()]
@@ -88,7 +96,7 @@ def test_a_model_that_attacks_the_worker_gets_nothing_and_the_worker_serves_the_
     }
     leaks = [f"{name} in {place}" for name, secret in secrets.items() for place, text in places.items()
              if secret in text]
-    report("sandbox attacking model", submitted=2, completed=int(after["state"] == "SUCCEEDED"),
+    report(f"sandbox attacking model ({sandbox})", submitted=2, completed=int(after["state"] == "SUCCEEDED"),
            failed=int(attacked["state"] == "FAILED"), duplicated=0,
            blocked=sum(v.startswith("blocked") for v in outcomes.values()), attempts=len(ATTEMPTS),
            forked=forks.group(1) if forks else None, leaks=len(leaks), markers=len(markers_left))
@@ -103,3 +111,6 @@ def test_a_model_that_attacks_the_worker_gets_nothing_and_the_worker_serves_the_
     assert after["state"] == "SUCCEEDED", after.get("error")
     sandboxed = [m for m in stack.manifests("convert") if m["info"].get("sandbox", {}).get("mode") == "bwrap"]
     assert sandboxed, "the next job's convert manifest does not record the sandbox"
+    # the job after a convert gets the sandbox started in advance
+    after_manifests = [m for m in sandboxed if m["job_id"] == after["id"]]
+    assert after_manifests and all(m["info"]["sandbox"]["warm"] for m in after_manifests)

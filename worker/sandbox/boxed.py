@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from shared.errors import TransientError, UserInputError
 from shared.settings import Settings
-from worker.sandbox import bubblewrap, exchange
+from worker.sandbox import bubblewrap, exchange, warm
 from worker.sandbox.limits import Limits
 from worker.sandbox.process import Finished, run_child
 
@@ -36,31 +36,63 @@ def run_boxed(settings: Settings, *, source: Path, workdir: Path, request: dict[
               ) -> tuple[T, dict]:
     """Run the child on ``request`` (plus what ``write_inputs`` puts in ``io``); (answer, sandbox record).
 
-    ``request`` names paths as the child sees them (``inside(source)``, ``INSIDE / "out"``); the
-    limits and the uid to drop to are added here. ``read(io)`` returns (answer, the child's
-    figures), or None when the child wrote no answer.
+    The request's ``source`` and ``workdir`` are set here to where the child sees them; so are the
+    limits and the uid to drop to. ``read(io)`` returns (answer, the child's figures), or None when
+    the child wrote no answer. A warm sandbox (``warm``) serves the call when this process has one.
     """
-    limits = Limits.from_settings(settings)
     source, workdir = Path(source).resolve(), Path(workdir).resolve()
+    private = workdir.parent in source.parents  # the stage's own download: the sandbox's uid may own it
+    box = warm.take(settings)
+    try:
+        if box is not None:
+            return _run_warm(box, source=source, workdir=workdir, private=private, request=request,
+                             write_inputs=write_inputs, read=read)
+        return _run_cold(settings, source=source, workdir=workdir, private=private, request=request,
+                         write_inputs=write_inputs, read=read)
+    finally:
+        warm.prestart(settings)  # the next call's sandbox imports the frameworks meanwhile
+
+
+def _run_cold(settings: Settings, *, source: Path, workdir: Path, private: bool, request: dict[str, Any],
+              write_inputs, read):
+    limits = Limits.from_settings(settings)
     box = Path(tempfile.mkdtemp(prefix="sandbox-", dir=workdir.parent))
     try:
         io = _layout(box)
         privileged = os.geteuid() == 0
         uid = bubblewrap.sandbox_uid() if privileged else None
-        exchange.write_json(io / exchange.REQUEST, {**request, "limits": limits.to_dict(), "drop_to_uid": uid})
+        exchange.write_json(io / exchange.REQUEST, {**request, "source": str(inside(source)), "workdir": str(OUT),
+                                                    "limits": limits.to_dict(), "drop_to_uid": uid})
         if write_inputs is not None:
             write_inputs(io)
         if uid is not None:  # the sandbox's uid owns its scratch; a private copy of the source becomes readable
-            private = [source] if workdir.parent in source.parents else []
-            for path in (box, workdir, *private):
-                _chown_tree(path, uid)
+            for path in (box, workdir, *([source] if private else [])):
+                bubblewrap.chown_tree(path, uid)
         finished = run_child(box, settings, source=source, workdir=workdir, privileged=privileged,
                              limits=limits)
         answer, figures = _answer(io, finished, limits, read)
-        return answer, {"mode": "bwrap", "seconds": round(finished.seconds, 3),
-                        **{name: _number(figures.get(name)) for name in ("load_s", "cpu_s", "max_rss_mb")}}
+        return answer, _record(finished, figures, warm=False)
     finally:
         shutil.rmtree(box, ignore_errors=True)
+
+
+def _run_warm(box: warm.WarmBox, *, source: Path, workdir: Path, private: bool, request: dict[str, Any],
+              write_inputs, read):
+    try:
+        inside_source = box.place(source, private)
+        if write_inputs is not None:
+            write_inputs(box.io())
+        box.start({**request, "source": str(inside_source), "workdir": str(OUT)})
+        finished = box.finish(workdir)
+        answer, figures = _answer(box.io(), finished, box.limits, read)
+        return answer, _record(finished, figures, warm=True)
+    finally:
+        box.cleanup()
+
+
+def _record(finished: Finished, figures: dict, *, warm: bool) -> dict:
+    return {"mode": "bwrap", "warm": warm, "seconds": round(finished.seconds, 3),
+            **{name: _number(figures.get(name)) for name in ("load_s", "cpu_s", "max_rss_mb")}}
 
 
 def inside(source: Path) -> Path:
@@ -97,14 +129,6 @@ def _layout(box: Path) -> Path:
     for name in ("io", "home", "tmp", "source", "out"):  # source and out: mount points for bwrap
         (box / name).mkdir()
     return box / "io"
-
-
-def _chown_tree(path: Path, uid: int) -> None:
-    os.chown(path, uid, uid, follow_symlinks=False)
-    if path.is_dir() and not path.is_symlink():
-        for folder, dirs, files in os.walk(path):
-            for name in dirs + files:
-                os.chown(Path(folder) / name, uid, uid, follow_symlinks=False)
 
 
 def _number(value: object) -> float | None:

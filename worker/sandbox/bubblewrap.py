@@ -58,6 +58,15 @@ def sandbox_uid(pid: int | None = None) -> int:
     return UID_BASE + (os.getpid() if pid is None else pid) % UID_SPAN
 
 
+def chown_tree(path: Path, uid: int) -> None:
+    """Hand path (and everything under it, links not followed) to a root worker's sandbox uid."""
+    os.chown(path, uid, uid, follow_symlinks=False)
+    if path.is_dir() and not path.is_symlink():
+        for folder, dirs, files in os.walk(path):
+            for name in dirs + files:
+                os.chown(Path(folder) / name, uid, uid, follow_symlinks=False)
+
+
 def secret_files(settings: Settings, environ: dict[str, str]) -> list[Path]:
     """Files that hold worker secrets: the local stack's file, the cloud credentials file."""
     files = [settings.stack_file]

@@ -3,8 +3,9 @@
 In order: drop root (a root worker's sandbox starts as root; it becomes an unprivileged uid
 with no capabilities before anything else), set the limits, read the request, import the
 plugins, run the converter (or the named task, ``worker.sandbox.tasks``), write the result or
-the error. ``--probe`` stops after the limits
-and writes a result that says so: the worker's start-up check.
+the error. ``--warm`` (``warm.WarmBox``): the uid and limits come from ``boot.json``; after
+them the child imports the frameworks most converts need, then waits for ``request.json``.
+``--probe`` stops after the limits and writes a result that says so: the worker's start-up check.
 
 Every failure ends as an ``error.json``: a UserInputError keeps its message; a MemoryError, or a
 library's complaint that names an exhausted limit, is reported as that limit; anything else is
@@ -36,19 +37,24 @@ def drop_root(uid: int) -> None:
 
 def main(argv: list[str]) -> int:
     io = Path(argv[0])
-    started = time.monotonic()
-    request_data = json.loads((io / "request.json").read_text())
-    if request_data.get("drop_to_uid") is not None:
-        drop_root(int(request_data["drop_to_uid"]))
+    warm = "--warm" in argv
+    boot = json.loads((io / ("boot.json" if warm else "request.json")).read_text())
+    if boot.get("drop_to_uid") is not None:
+        drop_root(int(boot["drop_to_uid"]))
 
     from worker.sandbox import exchange
     from worker.sandbox.limits import Limits
 
-    limits = Limits(**request_data["limits"])
+    limits = Limits(**boot["limits"])
     limits.apply()
     if "--probe" in argv:
         (io / exchange.RESULT).write_text(json.dumps({"probe": "ok", "uid": os.getuid()}))
         return 0
+    if warm:  # unprivileged and limited already: import the frameworks, then wait for the request
+        _preimport()
+        _await(io / "request.json")
+    started = time.monotonic()
+    request_data = json.loads((io / "request.json").read_text())
     try:
         if request_data.get("task"):
             answer = _task(request_data)
@@ -65,6 +71,31 @@ def main(argv: list[str]) -> int:
     else:
         exchange.write_result(io, result, _figures(started))
     return 0
+
+
+PREIMPORT = ("numpy", "onnx", "onnxruntime", "torch", "torch.onnx", "transformers", "transformers.modeling_utils",
+             "safetensors.torch", "tokenizers", "worker.plugins.registry", "worker.support.transformers_export")
+
+
+def _preimport() -> None:
+    """What most converts load first, imported before any user input exists (a warm sandbox)."""
+    import importlib
+
+    for name in PREIMPORT:
+        try:
+            importlib.import_module(name)
+        except Exception:  # a slim image without torch: the convert imports what it needs, or says so
+            pass
+    try:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: F401 - resolves the lazy modules
+    except Exception:
+        pass
+
+
+def _await(request: Path) -> None:
+    """Until the parent renames the request into place (it writes the inputs first)."""
+    while not request.exists():
+        time.sleep(0.005)
 
 
 def _task(data: dict) -> dict:

@@ -31,32 +31,61 @@ class Finished:
     timed_out: bool
 
 
+@dataclass
+class Started:
+    """A sandbox whose child is running (or waiting for its request, when started warm)."""
+
+    process: subprocess.Popen
+    log_path: Path
+    started: float
+
+
 def run_child(box: Path, settings: Settings, *, source: Path, workdir: Path, privileged: bool,
               limits: Limits, probe: bool = False) -> Finished:
     """Start ``worker.sandbox.child`` under bwrap and wait for the whole sandbox to end."""
+    return finish_child(start_child(box, settings, source=source, workdir=workdir, privileged=privileged,
+                                    probe=probe), limits.wall_s)
+
+
+def start_child(box: Path, settings: Settings, *, source: Path, workdir: Path, privileged: bool,
+                probe: bool = False, warm: bool = False) -> Started:
+    """Start ``worker.sandbox.child`` under bwrap; ``warm``: it imports the frameworks, then waits for
+    its request (``warm.WarmBox``)."""
     environ = dict(os.environ)
     hidden = bubblewrap.hidden_folders(settings, environ)
     argv = [sys.executable, "-s", "-B", "-m", "worker.sandbox.child", str(bubblewrap.INSIDE / "io")]
+    argv += ["--probe"] if probe else []
+    argv += ["--warm"] if warm else []
     command = bubblewrap.command(
         box, source=source, workdir=workdir, hidden=hidden, needed=bubblewrap.needed_paths(environ),
-        secrets=bubblewrap.secret_files(settings, environ), argv=argv + (["--probe"] if probe else []),
-        privileged=privileged,
+        secrets=bubblewrap.secret_files(settings, environ), argv=argv, privileged=privileged,
     )
     log_path = box.parent / f"{box.name}.log"
-    started = time.monotonic()
     with open(log_path, "wb") as output:
         process = subprocess.Popen(command, env=bubblewrap.child_env(environ), stdin=subprocess.DEVNULL,
                                    stdout=output, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
-        timed_out = _wait(process, limits.wall_s)
-    tail = _tail(log_path)
-    log_path.unlink(missing_ok=True)
-    returncode = process.returncode
+    return Started(process=process, log_path=log_path, started=time.monotonic())
+
+
+def finish_child(started: Started, wall_s: float) -> Finished:
+    """Wait (at most wall_s from now) for the sandbox to end; its exit, time and log tail."""
+    began = time.monotonic()
+    timed_out = _wait(started.process, wall_s)
+    tail = _tail(started.log_path)
+    started.log_path.unlink(missing_ok=True)
+    returncode = started.process.returncode
     return Finished(
         returncode=128 - returncode if returncode < 0 else returncode,  # bwrap itself killed (the wall limit)
-        seconds=time.monotonic() - started,
+        seconds=time.monotonic() - began,
         log_tail=tail,
         timed_out=timed_out,
     )
+
+
+def stop_child(started: Started) -> None:
+    """Kill a sandbox that will not be used (a warm one its worker gives up), and forget its log."""
+    _kill(started.process)
+    started.log_path.unlink(missing_ok=True)
 
 
 def _wait(process: subprocess.Popen, wall_s: float) -> bool:
