@@ -8,7 +8,9 @@ data (safetensors written inside the sandbox), and that a pickle which would run
 
 from __future__ import annotations
 
+import os
 import pickle
+import time
 import uuid
 from pathlib import Path
 
@@ -107,3 +109,48 @@ def test_a_request_names_only_the_tasks_in_the_table(tmp_path):
         run_task("os.system", {}, source=tmp_path, workdir=tmp_path / "out", settings=Settings(sandbox="off"))
     request = exchange.task_request("genai-build", {}, source=Path("/x"), workdir=Path("/y"))
     assert request == {"task": "genai-build", "params": {}, "source": "/x", "workdir": "/y"}
+
+
+def warm_children() -> list[int]:
+    """Pids of this process's warm sandboxes (bwrap running ``worker.sandbox.child ... --warm``), not other
+    processes' (the workers other tests started keep theirs)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == os.getpid() and argv[0].endswith(b"bwrap") and b"--warm" in argv:
+            found.append(int(proc.name))
+    return found
+
+
+def test_a_warm_sandbox_serves_one_request_and_one_whose_request_never_comes_is_ended(bubblewrap, settings,
+                                                                                    tmp_path):
+    from worker.sandbox import warm
+
+    state_dict_file(tmp_path / "upload" / "teacher.pt")
+    params = {"format": "torch-state-dict", "task": None, "label": LABEL}
+    warm.enable()
+    try:
+        _, first = run_task("compress-teacher", params, source=tmp_path / "upload" / "teacher.pt",
+                            workdir=tmp_path / "one", settings=settings)
+        _, second = run_task("compress-teacher", params, source=tmp_path / "upload" / "teacher.pt",
+                             workdir=tmp_path / "two", settings=settings)
+        assert (first["warm"], second["warm"]) == (False, True)
+        assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["model.safetensors"]
+        with pytest.raises(FileNotFoundError):  # the source cannot be placed: that warm sandbox is killed
+            run_task("compress-teacher", params, source=tmp_path / "missing.pt", workdir=tmp_path / "three",
+                     settings=settings)
+        deadline = time.monotonic() + 10  # the killed one goes, the next one (started after the failure) comes
+        while len(warm_children()) != 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert len(warm_children()) == 1
+    finally:
+        warm.disable()
+    deadline = time.monotonic() + 10
+    while warm_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert warm_children() == []

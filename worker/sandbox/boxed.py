@@ -87,7 +87,7 @@ def _run_warm(box: warm.WarmBox, *, source: Path, workdir: Path, private: bool, 
         answer, figures = _answer(box.io(), finished, box.limits, read)
         return answer, _record(finished, figures, warm=True)
     finally:
-        box.cleanup()
+        box.discard()  # ended by now, unless placing the source or the inputs failed: then it is killed
 
 
 def _record(finished: Finished, figures: dict, *, warm: bool) -> dict:

@@ -95,7 +95,7 @@ def _preimport() -> None:
 def _await(request: Path) -> None:
     """Until the parent renames the request into place (it writes the inputs first)."""
     while not request.exists():
-        time.sleep(0.005)
+        time.sleep(0.01)
 
 
 def _task(data: dict) -> dict:

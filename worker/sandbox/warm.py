@@ -131,10 +131,11 @@ class WarmBox:
         return finished
 
     def discard(self) -> None:
-        stop_child(self.started)
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def cleanup(self) -> None:
+        """End it (a sandbox still waiting for a request it will never get) and remove its folders."""
+        if self.started.process.poll() is None:
+            stop_child(self.started)
+        else:
+            self.started.log_path.unlink(missing_ok=True)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
