@@ -136,4 +136,29 @@ def summary_lines(job: dict) -> list[str]:
             f"{human_bytes(base['size_bytes'])}){speed}, cosine vs source min {row['cosine_min']:.4f} "
             f"mean {row['cosine_mean']:.4f} on held-out rows"
         )
+    if chosen in rows and rows[chosen].get("quantization"):
+        lines.append(f"{chosen}: {quantization_line(rows[chosen]['quantization'])}")
     return lines
+
+
+def quantization_line(summary: dict) -> str:
+    """What the INT8 optimizer decided (``worker.support.quant_tuning.quantization_summary``), in a line."""
+    recipe = summary.get("weight_type", "?") + (" 7-bit" if summary.get("reduce_range") == "True" else "")
+    symmetric = "symmetric" if summary.get("weight_symmetric") == "True" else "asymmetric"
+    costs = {cost.get("node"): cost for cost in summary.get("float_node_costs") or []}
+    floats = summary.get("float_nodes") or "none"
+    if floats != "none" and costs:
+        floats = ", ".join(_float_node(name, costs.get(name)) for name in floats.split(", "))
+    parts = [f"{recipe} {symmetric} weights", f"float MatMuls: {floats}"]
+    if summary.get("float_channels") not in (None, "0"):
+        parts.append(f"{summary['float_channels']} outlier activation channels in float")
+    if summary.get("saturation"):
+        parts.append(f"saturation {summary['saturation']}")
+    return "; ".join(parts)
+
+
+def _float_node(name: str, cost: dict | None) -> str:
+    if not cost:
+        return name
+    return (f"{name} (+{cost['check_cosine_min_gain']:.4f} cosine-min, "
+            f"predicted {cost['predicted_latency_ratio']:.2f}x fp32 with it)")

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
         default=0.03, gt=0, lt=0.5, description="Ratios to fp32 within 1 ± this are 'no measurable difference'."
     )
     paired_confidence: float = Field(default=0.95, gt=0.5, lt=1, description="Confidence of the ratio intervals.")
+    paired_settle_ms: float = Field(
+        default=30.0, ge=0,
+        description="Untimed runs of a model before each of its turns, about this many ms (at least one; 0: none): "
+                    "the first run after another model pays for its spinning threads and evicted caches."
+    )
 
     allowed_factories: list[str] = Field(
         default_factory=lambda: ["torchvision.models:*"],

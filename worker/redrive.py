@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 
-from shared.jobs import FAILED, INDEX, QUEUED, RUNNING, STAGE_FINISHED, STAGE_RUNNING, JobStore
+from shared.jobs import FAILED, INDEX, PREFIX, QUEUED, RUNNING, STAGE_FINISHED, STAGE_RUNNING, JobStore
 from shared.pipeline import RESUMABLE
 from shared.queues import KOMBU_UNACKED_KEY, queue_keys
 from shared.settings import Settings
@@ -83,9 +83,13 @@ def redrive_pass(app, jobs: JobStore, settings: Settings, now: float | None = No
     now = time.time() if now is None else now
     options = dict(app.conf.broker_transport_options or {})
     done = []
-    for raw_id in jobs.redis.zrevrange(INDEX, 0, SCAN_JOBS - 1):
-        job_id = raw_id.decode()
-        if jobs.state(job_id) not in (QUEUED, RUNNING):
+    ids = [raw.decode() for raw in jobs.redis.zrevrange(INDEX, 0, SCAN_JOBS - 1)]
+    with jobs.redis.pipeline(transaction=False) as pipe:  # one round trip for every job's state, not one each
+        for job_id in ids:
+            pipe.hget(PREFIX + job_id, "state")
+        states = pipe.execute()
+    for job_id, state in zip(ids, states, strict=True):
+        if state is None or state.decode() not in (QUEUED, RUNNING):
             continue
         record = jobs.get(job_id)
         found = next_stage(record, now, settings.redrive_after_s) if record else None

@@ -131,7 +131,7 @@ def main() -> None:
         held = convert(folder, tmp / "fp32-held", args.batch, args.sequence,
                        samples=held_out_samples(folder, args.batch, args.sequence))
         fp32 = tmp / "fp32" / base.model_file
-        smoothed = _smooth(fp32, tmp / "smooth" / "model.onnx", base.samples, 0.75)
+        smoothed = _smooth(fp32, tmp / "smooth" / "model.onnx", base.samples, 0.75).path
         names = [n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node if n.op_type == "MatMul"]
 
         def qd(src: Path, label: str, **kw) -> Path:

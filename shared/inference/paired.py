@@ -22,6 +22,12 @@ then about 1.5x more rounds each time, and ``max_rounds``: 5, 8, 12, 18, 27, 40)
 Bonferroni level ``1 - (1 - confidence) / looks`` (99.2% for 6 looks): an identical copy is then
 called different in about 3% of runs, while a 5% difference is still decided within ~8 rounds.
 
+Each turn starts *settled*: the model first runs untimed for about ``settle_ms`` (at least once).
+The first run after another model pays for that model's thread pool still spinning and for the
+caches it evicted, which a served model, running after itself, never does. Unsettled, the
+alternation charged it to both sides, more to the faster one: MiniLM fp32 vs its INT8 on a
+2-core AMX Xeon measured 0.54x alternating every run, 0.46-0.47x settled or run alone.
+
 Plain functions over zero-argument callables and a clock, so that tests drive them with fake
 models whose times they control.
 """
@@ -54,6 +60,7 @@ class PairedPlan:
     confidence: float = 0.95
     warmup: int = 2
     min_round_ms: float = 5.0  # a fast model runs several times per turn, so a turn is not timer noise
+    settle_ms: float = 30.0  # untimed runs before each turn, at least one (0: none); see the module's text
 
 
 @dataclass(frozen=True)
@@ -173,7 +180,9 @@ def measure_paired(runners: Mapping[str, Callable[[], object]], baseline: str, p
     names = list(runners)
     variants = [name for name in names if name != baseline]
     started = clock()
-    repeat = {name: _repeat(runners[name], plan, clock) for name in names}
+    repeat, settle = {}, {}
+    for name in names:
+        repeat[name], settle[name] = _repeat(runners[name], plan, clock)
     samples: dict[str, list[float]] = {name: [] for name in names}
     round_ms: dict[str, list[float]] = {name: [] for name in names}
     round_ratios: dict[str, list[float]] = {name: [] for name in variants}
@@ -184,6 +193,8 @@ def measure_paired(runners: Mapping[str, Callable[[], object]], baseline: str, p
         turns: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(plan.runs_per_round):
             for name in order:
+                for _ in range(settle[name]):
+                    runners[name]()
                 turns[name].append(_sample(runners[name], repeat[name], clock))
         for name in names:
             samples[name].extend(turns[name])
@@ -213,18 +224,22 @@ def measure_paired(runners: Mapping[str, Callable[[], object]], baseline: str, p
                  "looks": schedule, "interval_confidence": level},
         "models": {name: {"p50_ms": float(np.percentile(samples[name], 50)),
                           "p95_ms": float(np.percentile(samples[name], 95)),
-                          "repeat": repeat[name],
+                          "repeat": repeat[name], "settle_runs": settle[name],
                           "round_ms": [round(t, 4) for t in round_ms[name]]} for name in names},
         "ratios": ratios,
     }
 
 
-def _repeat(run: Callable[[], object], plan: PairedPlan, clock: Clock) -> int:
-    """Warm the model up; a model faster than ``min_round_ms / runs_per_round`` runs that many times per turn."""
+def _repeat(run: Callable[[], object], plan: PairedPlan, clock: Clock) -> tuple[int, int]:
+    """Warm the model up. (runs per turn, untimed runs before a turn): a model faster than
+    ``min_round_ms / runs_per_round`` runs that many times per turn; it settles for ``settle_ms``."""
     warm = [_sample(run, 1, clock) for _ in range(max(plan.warmup, 1))]
     single = float(np.median(warm))
     wanted = plan.min_round_ms / plan.runs_per_round
-    return int(min(max(1, math.ceil(wanted / single)) if single > 0 else MAX_REPEAT, MAX_REPEAT))
+    repeat = int(min(max(1, math.ceil(wanted / single)) if single > 0 else MAX_REPEAT, MAX_REPEAT))
+    if plan.settle_ms <= 0:
+        return repeat, 0
+    return repeat, int(min(max(1, math.ceil(plan.settle_ms / single)) if single > 0 else MAX_REPEAT, MAX_REPEAT))
 
 
 def pairwise(result: dict, name: str, other: str) -> Interval:

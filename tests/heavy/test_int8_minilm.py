@@ -106,10 +106,15 @@ def test_tuned_int8_reports_its_recipe_float_nodes_and_their_cost(calibration, t
     meta = metadata(tuned)
     report = json.loads(meta["modelyard.int8.tuning"])
     assert model_bytes(tuned) <= 0.35 * model_bytes(calibration.model)
-    assert meta["modelyard.int8.smooth_alpha"] == "0.75" and meta["modelyard.int8.weight_symmetric"] == "False"
+    assert meta["modelyard.int8.smooth_alpha"] == "0.6" and meta["modelyard.int8.weight_symmetric"] == "True"
+    assert 0 < int(meta["modelyard.int8.float_channels"]) <= 48
     assert meta["modelyard.int8.isa"] == cpu_isa().label
-    assert {entry["recipe"] for entry in report["recipes"]} >= {"int8", "int8 7-bit"}
-    assert meta["modelyard.int8.saturation"].split(":")[0] in ("detected", "not detected")
+    recipes = [entry["recipe"] for entry in report["recipes"]]
+    if recipes == ["int8"]:  # the kernel sums into int32 and 8 bits reached the goal: nothing else to learn
+        assert cpu_isa().int32_dot_products and meta["modelyard.int8.saturation"].startswith("not measured")
+    else:
+        assert set(recipes) >= {"int8", "int8 7-bit"}
+        assert meta["modelyard.int8.saturation"].split(":")[0] in ("detected", "not detected")
     if not cpu_isa().int32_dot_products:  # AVX2 without VNNI: 8-bit weights saturate on MiniLM (cosine-min < 0)
         assert meta["modelyard.int8.reduce_range"] == "True"
         assert meta["modelyard.int8.saturation"].startswith("detected")

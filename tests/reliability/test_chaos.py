@@ -231,14 +231,17 @@ def test_a_full_scratch_disk_fails_the_stage_naming_it_and_the_worker_serves_onc
 
 
 # -- object storage (gs://, the GCS emulator) behind the proxy ------------------------------------
-def gcs_stack(make_stack, proxies, emulator_host: str):
-    """A stack whose worker reaches the GCS emulator only through a proxy; this process reaches it directly."""
+def gcs_stack(make_stack, proxies, emulator_host: str, monkeypatch):
+    """A stack whose worker reaches the GCS emulator only through a proxy (this process, the producer
+    side, reaches it directly), and a fresh gs:// repository URL."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator_host)
+    monkeypatch.setenv("MODELYARD_GCS_CREATE_BUCKET", "1")
     port = int(emulator_host.rsplit(":", 1)[1])
     proxy = proxies(port)
     stack = make_stack(env={"MODELYARD_ALLOWED_REPOSITORIES": '["file://*", "gs://*"]',
                             "MODELYARD_GCS_CREATE_BUCKET": "1", "STORAGE_EMULATOR_HOST": emulator_host})
-    worker = stack.start_worker("cpu", "cpu1", env={"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{proxy.port}"})
-    return stack, proxy, worker
+    stack.start_worker("cpu", "cpu1", env={"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{proxy.port}"})
+    return stack, proxy, f"gs://chaos-{uuid.uuid4().hex[:12]}/repo"
 
 
 def wait_for(event, what: str, timeout: float = 120) -> None:
@@ -252,10 +255,7 @@ def test_a_worker_killed_between_claiming_and_publishing_a_version_leaves_it_uns
     """The proxy hangs on the first upload into the claimed version 1 (after ``claim_version``, inside
     ``publish``): that is where the worker's pool process is killed with SIGKILL."""
     host, _start, _stop = stoppable_emulator
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", host)
-    monkeypatch.setenv("MODELYARD_GCS_CREATE_BUCKET", "1")
-    stack, proxy, _worker = gcs_stack(make_stack, proxies, host)
-    repo = f"gs://chaos-{uuid.uuid4().hex[:12]}/repo"
+    stack, proxy, repo = gcs_stack(make_stack, proxies, host, monkeypatch)
     proxy.hang_on(b"crash/1/model.onnx")
 
     job_id = stack.submit(fault_job(tmp_path, "crash", deploy=repo))
@@ -296,10 +296,7 @@ def test_a_gs_outage_during_deploy_is_retried_and_the_job_deploys_exactly_once(
     """The proxy hangs on the version claim; the emulator is then stopped, its connections cut, and it
     is started again OUTAGE_S later with its data."""
     host, start_emulator, stop_emulator = stoppable_emulator
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", host)
-    monkeypatch.setenv("MODELYARD_GCS_CREATE_BUCKET", "1")
-    stack, proxy, _worker = gcs_stack(make_stack, proxies, host)
-    repo = f"gs://chaos-{uuid.uuid4().hex[:12]}/repo"
+    stack, proxy, repo = gcs_stack(make_stack, proxies, host, monkeypatch)
     proxy.hang_on(b"outage/1/.claim")
 
     job_id = stack.submit(fault_job(tmp_path, "outage", deploy=repo))

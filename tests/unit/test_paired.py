@@ -25,10 +25,11 @@ from shared.inference.paired import (
 class Machine:
     """A fake clock and models on it: a model's run takes its base time times the load at that moment."""
 
-    def __init__(self, load=lambda now: 1.0, noise: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, load=lambda now: 1.0, noise: float = 0.0, seed: int = 0, switch_ms: float = 0.0) -> None:
         self.now = 0.0
         self.load = load
         self.noise = noise
+        self.switch_ms = switch_ms  # a run right after another model's takes this much longer
         self.rng = np.random.default_rng(seed)
         self.calls: list[str] = []
 
@@ -38,7 +39,8 @@ class Machine:
     def model(self, name: str, ms: float):
         def run() -> None:
             jitter = math.exp(self.rng.normal(0.0, self.noise)) if self.noise else 1.0
-            self.now += ms / 1000.0 * self.load(self.now) * jitter
+            switched = self.switch_ms if self.calls and self.calls[-1] != name else 0.0
+            self.now += (ms * jitter + switched) / 1000.0 * self.load(self.now)
             self.calls.append(name)
         return run
 
@@ -137,11 +139,25 @@ def test_each_round_rotates_the_order_of_the_models():
     machine = Machine()
     runners = {name: machine.model(name, 10.0) for name in ("fp32", "a", "b")}
 
-    measure_paired(runners, "fp32", PairedPlan(runs_per_round=1, warmup=1, min_rounds=3, max_rounds=3),
+    measure_paired(runners, "fp32", PairedPlan(runs_per_round=1, warmup=1, min_rounds=3, max_rounds=3, settle_ms=5),
                    clock=machine.clock)
 
-    timed = machine.calls[3:]  # after one warm-up run each
-    assert timed == ["fp32", "a", "b", "a", "b", "fp32", "b", "fp32", "a"]
+    turns = machine.calls[3:]  # after one warm-up run each; each turn is a settling run and a timed one
+    assert turns[::2] == turns[1::2] == ["fp32", "a", "b", "a", "b", "fp32", "b", "fp32", "a"]
+
+
+def test_a_turn_is_timed_settled_so_the_cost_of_switching_models_falls_on_neither():
+    """The first run after another model is slower (its threads still spin, the caches hold its weights)."""
+    for settle_ms, expected in ((30.0, 0.5), (0.0, (20 + 10) / (40 + 10))):
+        machine = Machine(switch_ms=10.0)
+        runners = {"fp32": machine.model("fp32", 40.0), "int8": machine.model("int8", 20.0)}
+        result = measure_paired(runners, "fp32", PairedPlan(runs_per_round=3, settle_ms=settle_ms), clock=machine.clock)
+        assert result["models"]["fp32"]["p50_ms"] == pytest.approx(40.0 if settle_ms else 50.0)
+        assert result["ratios"]["int8"]["ratio"] == pytest.approx(expected)
+    fast = Machine()
+    result = measure_paired({"fp32": fast.model("fp32", 4.0), "v": fast.model("v", 50.0)}, "fp32",
+                            PairedPlan(settle_ms=30.0), clock=fast.clock)
+    assert [result["models"][name]["settle_runs"] for name in ("fp32", "v")] == [8, 1]  # about 30 ms, at least one
 
 
 def test_a_sub_millisecond_model_runs_several_times_per_turn_so_a_turn_is_not_timer_noise():
@@ -158,8 +174,8 @@ def test_a_load_change_in_the_middle_of_a_round_spoils_one_turn_which_the_median
     machine = Machine(load=lambda now: 3.0 if now >= 0.5 else 1.0)
     runners = {"fp32": machine.model("fp32", 100.0), "int8": machine.model("int8", 70.0)}
 
-    result = measure_paired(runners, "fp32", PairedPlan(runs_per_round=3, warmup=1, min_rounds=2, max_rounds=2),
-                            clock=machine.clock)
+    result = measure_paired(runners, "fp32", PairedPlan(runs_per_round=3, warmup=1, min_rounds=2, max_rounds=2,
+                                                        settle_ms=0), clock=machine.clock)
 
     # the load arrives during round 1's second turn, between fp32 and int8: that turn's ratio is 2.1
     assert result["ratios"]["int8"]["round_ratios"] == [pytest.approx(0.7), pytest.approx(0.7)]

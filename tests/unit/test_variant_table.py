@@ -57,3 +57,19 @@ def test_the_html_table_has_the_paired_columns():
     page = html_report(job([FP32, INT8], {"variant": "int8-dynamic"}))
 
     assert "vs fp32 (interval)" in page and "0.70x (0.69-0.72)" in page and "cosine min (calibration)" in page
+
+
+def test_the_summary_says_what_the_int8_optimizer_kept_float_and_what_each_float_matmul_bought():
+    quantization = {"weight_type": "int8", "reduce_range": "True", "weight_symmetric": "True",
+                    "float_nodes": "encoder/layer.0/output/dense", "float_channels": "5",
+                    "saturation": "detected: 8-bit weights cosine-min -0.0500, 7-bit 0.9940 on the fit rows",
+                    "float_node_costs": [{"node": "encoder/layer.0/output/dense", "check_cosine_min_gain": 0.0031,
+                                          "predicted_latency_ratio": 0.74}]}
+    line = summary_lines(job([FP32, {**INT8, "quantization": quantization}], {"variant": "int8-dynamic"}))[-1]
+
+    assert line.startswith("int8-dynamic: int8 7-bit symmetric weights; float MatMuls: encoder/layer.0/output/dense "
+                           "(+0.0031 cosine-min, predicted 0.74x fp32 with it); 5 outlier activation channels in float")
+    assert "saturation detected: 8-bit weights cosine-min -0.0500" in line
+    assert summary_lines(job([FP32, INT8], {"variant": "int8-dynamic"}))[-1].startswith("int8-dynamic: 23.1 MB")
+    page = html_report(job([FP32, {**INT8, "quantization": quantization}], {"variant": "int8-dynamic"}))
+    assert "5 outlier activation channels in float" in page

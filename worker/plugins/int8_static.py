@@ -5,7 +5,8 @@ Activation ranges are calibrated on the calibration rows the stage hands over
 (``worker.support.smoothing``), as for ``int8-dynamic``. The weight recipe (8-bit or 7-bit int8,
 uint8) is chosen by measurement and, while the check rows miss the gate, the most sensitive
 MatMuls/Gemms stay float, as long as the model stays faster than float
-(``worker.support.quant_tuning``; the same loop as ``int8-dynamic``).
+(``worker.support.quant_tuning``; the same loop as ``int8-dynamic``). The output carries no shape
+annotations (``onnx_files.drop_shape_annotations``, as ``int8-dynamic``'s step 6).
 
 Measured on all-MiniLM-L6-v2 (AVX2, no VNNI): static QDQ loses far more fidelity than the dynamic
 recipe on transformers (one fixed activation scale per tensor for every input) and runs slower
@@ -26,7 +27,7 @@ import numpy as np
 
 from shared.errors import UserInputError, one_line
 from worker.plugins.base import Optimizer, OptimizeRequest, Param
-from worker.support.onnx_files import set_metadata, stage_copy
+from worker.support.onnx_files import drop_shape_annotations, set_metadata, stage_copy
 from worker.support.quant_recipes import INT8, WeightRecipe, cpu_isa, recipe_order
 from worker.support.quant_tuning import TuningConfig, gate_threshold, tune
 from worker.support.smoothing import smooth
@@ -86,7 +87,7 @@ class Int8Static(Optimizer):
             if params["smooth"]:
                 smoothed = smooth(source, scratch / "smooth" / "model.onnx", split.all_rows, params["smooth_alpha"])
                 if smoothed is not None:
-                    quant_input = smoothed
+                    quant_input = smoothed.path
                     meta["smooth_alpha"] = params["smooth_alpha"]
             rows = split.all_rows
 
@@ -151,4 +152,5 @@ def _quantize(source: Path, target: Path, rows: dict, recipe: WeightRecipe, excl
     except Exception as exc:
         raise UserInputError(f"int8-static could not quantize {Path(model).name}: "
                              f"{type(exc).__name__}: {one_line(exc)}") from None
+    drop_shape_annotations(target)
     return target

@@ -35,13 +35,10 @@ JSON_LIMIT = 16 * 2**20  # bytes of a result or error file the parent reads at m
 USER, TRANSIENT, MEMORY, CRASH = "user", "transient", "memory", "crash"
 
 
-def convert_request(request: ConvertRequest, *, converter: str, source: Path, workdir: Path,
-                    architecture: dict | None) -> dict[str, Any]:
-    """The request as the child will see it: source and workdir are paths inside the sandbox."""
+def convert_request(request: ConvertRequest, *, converter: str, architecture: dict | None) -> dict[str, Any]:
+    """The request for the child; ``boxed.run_boxed`` adds source and workdir as the child sees them."""
     return {
         "converter": converter,
-        "source": str(source),
-        "workdir": str(workdir),
         "model": request.model.model_dump(mode="json"),
         "convert": request.convert.model_dump(mode="json"),
         "settings": {name: getattr(request.settings, name) for name in PLUGIN_SETTINGS},
@@ -56,9 +53,9 @@ def write_samples(io: Path, request: ConvertRequest) -> None:
         save_arrays(io / SAMPLES, request.samples)
 
 
-def task_request(task: str, params: dict[str, Any], *, source: Path, workdir: Path) -> dict[str, Any]:
-    """A named sandbox task (``worker.sandbox.tasks``) on source, writing into workdir (paths inside)."""
-    return {"task": task, "params": params, "source": str(source), "workdir": str(workdir)}
+def task_request(task: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A named sandbox task (``worker.sandbox.tasks``); ``boxed.run_boxed`` adds source and workdir."""
+    return {"task": task, "params": params}
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -47,12 +47,12 @@ def run_task(name: str, params: dict[str, Any], *, source: Path, workdir: Path,
         return task_function(name)(params, Path(source), Path(workdir)), {"mode": "off",
                                                                           "reason": "MODELYARD_SANDBOX=off"}
     from worker.sandbox import exchange
-    from worker.sandbox.boxed import OUT, inside, run_boxed
+    from worker.sandbox.boxed import run_boxed
     from worker.sandbox.output import check_plain
     from worker.sandbox.status import require_sandbox
 
     require_sandbox(settings)
-    request = exchange.task_request(name, params, source=inside(source), workdir=OUT)
+    request = exchange.task_request(name, params)
     answer = run_boxed(settings, source=Path(source), workdir=Path(workdir), request=request, write_inputs=None,
                        read=exchange.read_task_result)
     check_plain(Path(workdir).resolve())

@@ -32,6 +32,7 @@ from worker.stages.convert import REFERENCE, SAMPLES
 from worker.stages.holdout import GATE_ROWS, RULE_VERSION, Holdout, fixed_batch, split
 from worker.stages.steps import StepOutput, run_step, tool_versions
 from worker.support.genai_builder import generation_companions
+from worker.support.quant_tuning import quantization_summary
 
 # Compute-heavy operators that run in floating point unless their inputs come from a DequantizeLinear
 # (a QDQ graph runs those in int8): the second tie-break between variants of equal size.
@@ -101,6 +102,7 @@ def run_variant(ctx: StageContext, convert_key: str, variant: str) -> tuple[Mani
             metrics.update(_torch_fallback(ctx, tmp, samples, reference, convert.info.get("task")))
         metrics["size_bytes"] = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
         metrics["float_ops"] = float_op_count(final)
+        metrics["quantization"] = quantization_summary(final)
         return StepOutput(folder=out, metrics=metrics, info={**convert.info, "model_file": final.name})
 
     return run_step(
@@ -241,6 +243,7 @@ def variant_summary(variant: str, manifest: Manifest, cached: bool, ctx: StageCo
         "holdout": holdout.get("rule"),
         "accuracy": metrics.get("accuracy"),
         "generation": metrics.get("generation"),
+        "quantization": metrics.get("quantization"),
         "provider": metrics.get("provider"),
         "gpu": metrics.get("gpu"),
         "passed": passed,

@@ -48,7 +48,8 @@ def plan_of(settings: Settings) -> PairedPlan:
     return PairedPlan(runs_per_round=settings.paired_runs_per_round, min_rounds=settings.paired_min_rounds,
                       max_rounds=max(settings.paired_max_rounds, settings.paired_min_rounds),
                       max_seconds=settings.paired_max_seconds, margin=settings.paired_margin,
-                      confidence=settings.paired_confidence, warmup=max(settings.bench_warmup, 1))
+                      confidence=settings.paired_confidence, warmup=max(settings.bench_warmup, 1),
+                      settle_ms=settings.paired_settle_ms)
 
 
 def run_select(ctx: StageContext, results: list[dict]) -> SelectOutcome:

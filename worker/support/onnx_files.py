@@ -61,6 +61,24 @@ def set_metadata(path: Path, values: Mapping[str, object]) -> None:
     onnx.save_model(proto, str(path))
 
 
+def drop_shape_annotations(path: Path) -> None:
+    """Remove the graph's ``value_info`` (intermediate tensors' types and shapes), as an exporter leaves it.
+
+    The quantizers run onnx's shape inference and keep what it found. With those shapes known, ONNX
+    Runtime's ``SkipLayerNormFusion`` turns every residual ``Add`` + ``LayerNormalization`` into
+    ``SkipLayerNormalization``, whose CPU kernel (ONNX Runtime 1.32) is 5-8x slower than the two ops
+    it replaces: 0.96 vs 0.20 ms at 8 x 128 x 384 on 2 threads, 1.85 vs 0.30 ms on one (AMX Xeon).
+    MiniLM's INT8 ran 0.476x its fp32 with them, 0.418x without (paired). ONNX Runtime infers the
+    shapes it needs itself; the fp32 export never had them, so both sides are now served alike.
+    """
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    if len(proto.graph.value_info):
+        del proto.graph.value_info[:]
+        onnx.save_model(proto, str(path))
+
+
 def metadata(path: Path) -> dict[str, str]:
     """The model's ``metadata_props`` as a dict (weights not loaded)."""
     import onnx

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.arrays import Arrays
+from worker.support.smoothing import FLOAT_PART
 
 MASK_INPUT = "modelyard_keep_float"
 WEIGHT_OPS = ("MatMul", "Gemm")
@@ -57,6 +58,8 @@ def weight_nodes(proto) -> list[WeightNode]:
             continue
         weight = initializers.get(node.input[1])
         if weight is None or weight.data_type != TensorProto.FLOAT or len(weight.dims) != 2 or not node.name:
+            continue
+        if node.name.endswith(FLOAT_PART):  # outlier channels' MatMul: float by construction, never a candidate
             continue
         found.append(WeightNode(node.name, node.output[0], node.op_type, int(weight.dims[0] * weight.dims[1])))
     return found

@@ -5,8 +5,9 @@ INT8 optimizers (``int8-dynamic``, ``int8-static``) hand ``tune`` a ``build`` fu
 nodes to keep float, output path -> model) and the calibration rows split into fit and check
 parts (``worker.support.quant_calibration``); ``tune``:
 
-1. builds both int8 weight ranges (8-bit, 7-bit ``reduce_range``), and uint8 only when neither
-   comes near the threshold, and scores them on the fit rows. The CPU's hint
+1. builds both int8 weight ranges (8-bit, 7-bit ``reduce_range``; only the first where the CPU's
+   kernel sums into int32 and it reaches the goal), and uint8 only when neither comes near the
+   threshold, and scores them on the fit rows. The CPU's hint
    (``quant_recipes.recipe_order``) is kept unless another recipe is clearly closer: where 8-bit
    weights measure worse than 7-bit ones the kernel saturates, and the report says so;
 2. scores the chosen model on the check rows; when they miss the goal (the job's gate threshold
@@ -93,6 +94,23 @@ def tuning_report(model: Path) -> dict | None:
     return json.loads(text) if text else None
 
 
+def quantization_summary(model: Path) -> dict | None:
+    """What an INT8 optimizer decided, for the variant's record: the ``modelyard.int8.*`` entries
+    (recipe, float MatMuls, outlier channels kept float, saturation, check figure) and what each
+    float MatMul cost (``float_node_costs``); None for a model without them."""
+    from worker.support.onnx_files import metadata
+
+    if model.suffix.lower() != ".onnx":
+        return None
+    entries = metadata(model)
+    found = {key.removeprefix("modelyard.int8."): value for key, value in entries.items()
+             if key.startswith("modelyard.int8.") and key != "modelyard.int8.tuning"}
+    if not found:
+        return None
+    report = json.loads(entries.get("modelyard.int8.tuning") or "{}")
+    return {**found, "float_node_costs": report.get("float_nodes") or []}
+
+
 def gate_threshold(gate: Mapping[str, Any] | None, default: float) -> float:
     """The job gate's ``cosine_min`` (``request.gate``; None where the job sets none), else ``default``."""
     value = (gate or {}).get("cosine_min")
@@ -107,7 +125,7 @@ def tune(float_model: Path, quant_input: Path, build: Build, split: CalibrationS
     deadline = started + config.budget_s
     report: dict = {"isa": isa.to_dict(), "threshold": config.threshold, "margin": config.margin,
                     "goal": config.goal, "rows": split.describe(), "budget_s": config.budget_s}
-    tried = _try_recipes(build, split, config, scratch, deadline)
+    tried = _try_recipes(build, split, config, scratch, deadline, isa)
     report["recipes"] = [{"recipe": t.recipe.label, "fit": t.fit.to_dict(), "build_s": round(t.seconds, 1)}
                          for t in tried]
     report["saturation"] = saturation_finding({t.recipe: t.fit for t in tried}, isa)
@@ -147,12 +165,16 @@ class _Tried:
 
 
 def _try_recipes(build: Build, split: CalibrationSplit, config: TuningConfig, scratch: Path,
-                 deadline: float) -> list[_Tried]:
+                 deadline: float, isa: CpuIsa) -> list[_Tried]:
     """Build and score on the fit rows: both int8 ranges (the saturation check), uint8 only when
-    neither int8 recipe comes near the threshold (it is the slower kernel everywhere)."""
+    neither int8 recipe comes near the threshold (it is the slower kernel everywhere). Where the
+    CPU's int8 kernel sums into int32 (VNNI, AMX, ARM) and the first recipe already reaches the
+    goal, no other is built: 7-bit weights only help against int16 saturation (~1 s on MiniLM)."""
     tried: list[_Tried] = []
     for recipe in config.recipes:
         if tried and time.monotonic() > deadline:
+            break
+        if len(tried) == 1 and isa.int32_dot_products and tried[0].fit.cosine_min >= config.goal:
             break
         if recipe == UINT8 and tried and max(t.fit.cosine_min for t in tried) >= config.threshold - UINT8_FLOOR:
             continue
