@@ -249,3 +249,27 @@ def test_the_quantized_model_carries_no_shape_annotations(mlp, tmp_path):
     for name in ("int8-dynamic", "int8-static"):
         output = quantize(name, model, samples, tmp_path / name, accuracy_aware=False)
         assert len(onnx.load(str(output)).graph.value_info) == 0, name
+
+
+def test_two_split_matmuls_in_a_row_stay_in_topological_order(tmp_path):
+    """The first MatMul's output is the second's activation: after the split, the Add that now produces
+    it must come before the second's smoothing Mul and Gather."""
+    from worker.support.smoothing import smooth
+
+    k = 256
+    first = (RNG.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32)
+    first[:, [3, 50]] *= 300.0  # two output channels of the first become outliers of the second's input
+    second = (RNG.standard_normal((k, 64)) / np.sqrt(k)).astype(np.float32)
+    model = _save(tmp_path / "model.onnx",
+                  [helper.make_node("MatMul", ["x", "w1"], ["h"], name="first/MatMul"),
+                   helper.make_node("MatMul", ["h", "w2"], ["y"], name="second/MatMul")],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])],
+                  [numpy_helper.from_array(first, "w1"), numpy_helper.from_array(second, "w2")])
+    x = (RNG.standard_normal((64, k)) * 0.3).astype(np.float32)
+    x[:, [7, 100]] *= 300.0
+    smoothed = smooth(model, tmp_path / "smooth" / "model.onnx", {"x": x}, 0.6, max_steps=25.0)
+    assert len(smoothed.float_nodes) == 2
+    onnx.checker.check_model(onnx.load(str(smoothed.path)))
+    float_run = compare(load_session(model).run({"x": x}), load_session(smoothed.path).run({"x": x}))
+    assert float_run["cosine_min"] > 0.99999

@@ -119,11 +119,28 @@ def smooth(model: Path, target: Path, samples: Arrays, alpha: float, min_outlier
     nodes = list(after.get(-1, []))  # inserts after a graph input come first
     for index, node in enumerate(proto.graph.node):
         nodes.append(node)
-        nodes.extend(after.get(index, []))  # right after the producer keeps the order topological
+        nodes.extend(after.get(index, []))  # right after the producer
+    nodes = _in_topological_order(nodes)  # a split MatMul's Add now produces what a Mul after it reads
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     onnx.save_model(proto, str(target))
     return Smoothed(target, tuple(float_nodes), smoothed_count, split_count)
+
+
+def _in_topological_order(nodes: list) -> list:
+    """``nodes`` reordered so that each comes after the producers of its inputs, otherwise as given."""
+    produced = {name for node in nodes for name in node.output}
+    ready: set[str] = set()
+    ordered, waiting = [], list(nodes)
+    while waiting:
+        for position, node in enumerate(waiting):
+            if all(not name or name not in produced or name in ready for name in node.input):
+                ordered.append(waiting.pop(position))
+                ready.update(node.output)
+                break
+        else:
+            return nodes  # a cycle: not ours to fix; the quantizer's check reports it
+    return ordered
 
 
 def _smoothable_matmuls(proto, initializers: dict) -> dict[str, list]:
