@@ -273,3 +273,11 @@ def test_two_split_matmuls_in_a_row_stay_in_topological_order(tmp_path):
     onnx.checker.check_model(onnx.load(str(smoothed.path)))
     float_run = compare(load_session(model).run({"x": x}), load_session(smoothed.path).run({"x": x}))
     assert float_run["cosine_min"] > 0.99999
+
+
+def test_a_given_weight_type_is_reported_as_given_not_as_reaching_the_goal(mlp, tmp_path):
+    model, samples = mlp
+    meta, report = report_of(quantize("int8-dynamic", model, samples, tmp_path / "q", weight_type="int8",
+                                      target_cosine=0.99999, accuracy_aware=False))
+    assert report["recipe"]["chosen"] == "given"
+    assert meta["modelyard.int8.saturation"].startswith("not measured (one int8 recipe tried); CPU ")

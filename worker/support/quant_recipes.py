@@ -90,7 +90,7 @@ def recipe_order(isa: CpuIsa) -> list[WeightRecipe]:
     return [INT8_7BIT, INT8, UINT8]
 
 
-def saturation_finding(scores: dict[WeightRecipe, Score], isa: CpuIsa) -> str:
+def saturation_finding(scores: dict[WeightRecipe, Score], isa: CpuIsa, why_one: str = "") -> str:
     """What the fit rows say about int16 saturation, for the report.
 
     In exact arithmetic an 8th weight bit quarters the weights' share of the error, so 8-bit int8
@@ -99,7 +99,7 @@ def saturation_finding(scores: dict[WeightRecipe, Score], isa: CpuIsa) -> str:
     full, seven = scores.get(INT8), scores.get(INT8_7BIT)
     hint = "int32 dot products, no saturation expected" if isa.int32_dot_products else "int16 pair sums"
     if full is None or seven is None:
-        return f"not measured (one int8 recipe tried: it reached the goal); CPU {isa.label}: {hint}"
+        return f"not measured (one int8 recipe tried{': ' + why_one if why_one else ''}); CPU {isa.label}: {hint}"
     figures = f"8-bit weights cosine-min {full.cosine_min:.4f}, 7-bit {seven.cosine_min:.4f} on the fit rows"
     if full.tail_error > 1.5 * seven.tail_error + 1e-6:
         return f"detected: {figures}; CPU {isa.label}: {hint}"

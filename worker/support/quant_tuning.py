@@ -128,7 +128,9 @@ def tune(float_model: Path, quant_input: Path, build: Build, split: CalibrationS
     tried = _try_recipes(build, split, config, scratch, deadline, isa)
     report["recipes"] = [{"recipe": t.recipe.label, "fit": t.fit.to_dict(), "build_s": round(t.seconds, 1)}
                          for t in tried]
-    report["saturation"] = saturation_finding({t.recipe: t.fit for t in tried}, isa)
+    skipped = len(tried) == 1 < len(config.recipes) and tried[0].fit.cosine_min >= config.goal
+    report["saturation"] = saturation_finding({t.recipe: t.fit for t in tried}, isa,
+                                              "it reached the goal" if skipped else "")
     chosen = _choose(tried)
     report["recipe"] = {**chosen.recipe.to_dict(), "chosen": "measured" if len(config.recipes) > 1 else "given"}
     check = _score(chosen.path, split, config.threads)
