@@ -189,7 +189,7 @@ def test_int8_dynamic_is_a_quarter_the_size_and_close(minilm, variant):
 
 def test_int8_dynamic_is_served_without_the_slow_skip_layer_norm(minilm, variant, tmp_path):
     """ONNX Runtime fuses residual Add + LayerNormalization into SkipLayerNormalization where shapes are
-    annotated, and that kernel is 5-8x slower on CPU; the plugin's model carries no annotations, so the
+    annotated, and that kernel is about 5x slower on CPU; the plugin's model carries no annotations, so the
     graph a server builds from it keeps the fp32 export's ops (``onnx_files.drop_shape_annotations``)."""
     import onnx
     import onnxruntime as ort

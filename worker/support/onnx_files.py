@@ -66,8 +66,9 @@ def drop_shape_annotations(path: Path) -> None:
 
     The quantizers run onnx's shape inference and keep what it found. With those shapes known, ONNX
     Runtime's ``SkipLayerNormFusion`` turns every residual ``Add`` + ``LayerNormalization`` into
-    ``SkipLayerNormalization``, whose CPU kernel (ONNX Runtime 1.32) is 5-8x slower than the two ops
-    it replaces: 0.96 vs 0.20 ms at 8 x 128 x 384 on 2 threads, 1.85 vs 0.30 ms on one (AMX Xeon).
+    ``SkipLayerNormalization``, whose CPU kernel (ONNX Runtime 1.32) is about 5x slower than the two ops
+    it replaces: 0.96 vs 0.13 + 0.07 ms at 8 x 128 x 384 on 2 threads; 1.85 vs 0.23 ms for the
+    LayerNormalization alone on one (AMX Xeon).
     MiniLM's INT8 ran 0.476x its fp32 with them, 0.418x without (paired). ONNX Runtime infers the
     shapes it needs itself; the fp32 export never had them, so both sides are now served alike.
     """
